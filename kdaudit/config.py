@@ -1,0 +1,247 @@
+"""Typed experiment configs, loaded strictly from YAML and `--set key=value` overrides.
+
+Every section is a frozen dataclass. Unknown keys and values of the wrong type are errors
+that name the key and what is allowed. The `data` and `model` sections are typed by the
+registry entry their `name` selects, so each dataset and architecture owns its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdaudit.stats import AnalysisOptions
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and what is allowed."""
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine (over all steps)
+    batch_size: int = 128
+    epochs: int = 30
+    max_steps: int | None = None  # cap on optimizer steps (used by --smoke)
+    eval_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_choice("train.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _check_choice("train.schedule", self.schedule, ("constant", "cosine"))
+        _check_positive("train.lr", self.lr)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.epochs", self.epochs)
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    teacher_seeds: tuple[int, ...] = (0, 1, 2)
+    student_seeds: tuple[int, ...] = tuple(range(10, 20))
+    conditions: tuple[str, ...] = ("siddo", "kd", "rcd")
+    alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
+    temperatures: tuple[float, ...] = (1.0,)
+    # None: self-distillation (students share the teacher's architecture and initial weights).
+    student_model: Any = field(default=None, metadata={"registry": "model", "optional": True})
+
+    def __post_init__(self) -> None:
+        from kdaudit.conditions import CONDITIONS
+
+        for name in self.conditions:
+            _check_choice("protocol.conditions", name, tuple(CONDITIONS.names()))
+        if "teacher" in self.conditions:
+            raise ConfigError("protocol.conditions: 'teacher' runs are implied; list students only")
+        for a in self.alphas:
+            if not 0.0 <= a <= 1.0:
+                raise ConfigError(f"protocol.alphas: {a} is outside [0, 1]")
+        for t in self.temperatures:
+            _check_positive("protocol.temperatures", t)
+        overlap = set(self.teacher_seeds) & set(self.student_seeds)
+        if overlap:
+            raise ConfigError(
+                f"protocol: seeds {sorted(overlap)} are both teacher and student seeds; "
+                "a student would share its teacher's data order"
+            )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    save_weights: bool = False
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: Any = field(metadata={"registry": "data"})
+    model: Any = field(metadata={"registry": "model"})
+    train: TrainConfig = TrainConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    analysis: AnalysisOptions = AnalysisOptions()
+    store: StoreConfig = StoreConfig()
+
+    @property
+    def student_model(self) -> Any:
+        return self.protocol.student_model or self.model
+
+    @property
+    def self_distillation(self) -> bool:
+        return self.protocol.student_model is None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(ExperimentConfig, raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `dotted.key=value` override; the value is parsed as YAML (`0.5`, `[1, 2]`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=5")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def from_dict(cls: type, raw: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {_join(where, unknown[0])!r}; allowed keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = _join(where, name)
+        f = fields[name]
+        if "registry" in f.metadata:
+            values[name] = _registered(f.metadata, value, key)
+        else:
+            values[name] = _coerce(hints[name], value, key)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing key {_join(where, missing[0])!r}")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def _registered(metadata: Any, value: Any, key: str) -> Any:
+    if value is None and metadata.get("optional"):
+        return None
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{key}: expected a mapping with a 'name' key")
+    registry = _registry(metadata["registry"])
+    if value["name"] not in registry:
+        raise ConfigError(
+            f"{key}.name: unknown {registry.kind} {value['name']!r}; "
+            f"registered: {', '.join(registry.names())}"
+        )
+    return from_dict(registry.get(value["name"]).config, value, key)
+
+
+def _registry(kind: str):
+    if kind == "data":
+        from kdaudit.data import DATASETS
+
+        return DATASETS
+    from kdaudit.models import MODELS
+
+    return MODELS
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            value = [value]  # a scalar where a list is expected: `--set protocol.alphas=0.5`
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: type, value: Any, key: str) -> Any:
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+# ---------------------------------------------------------------- saving
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data view of a config (tuples become lists), for YAML/JSON and hashing."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

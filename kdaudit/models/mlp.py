@@ -1,0 +1,28 @@
+"""A plain ReLU multilayer perceptron on flattened inputs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from kdaudit.models import MODELS
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    name: str = "mlp"
+    width: int = 256
+    depth: int = 2  # hidden layers
+
+
+@MODELS.register("mlp", MLPConfig)
+def build_mlp(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width_in = math.prod(input_shape)
+    for _ in range(cfg.depth):
+        layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
+        width_in = cfg.width
+    layers.append(nn.Linear(width_in, num_classes))
+    return nn.Sequential(*layers)

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny MNIST-1D audit that trains in well under a second per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = {
+    "name": "tiny",
+    "data": {"name": "mnist1d", "n_train": 300, "n_test": 120},
+    "model": {"name": "mlp", "width": 16, "depth": 1},
+    "train": {"batch_size": 32, "epochs": 2, "lr": 0.01},
+    "protocol": {
+        "teacher_seeds": [0],
+        "student_seeds": [10, 11],
+        "conditions": ["siddo", "kd", "rcd"],
+        "alphas": [0.5],
+        "temperatures": [1.0],
+    },
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Every test generates/caches datasets in one temporary data directory."""
+    path = tmp_path_factory.mktemp("data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KDAUDIT_DATA", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    """TINY with some sections replaced (shallow merge per section)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
