@@ -1,0 +1,120 @@
+"""`kdaudit` command line: parses arguments, calls the Python API, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kdaudit.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, RuntimeError) as err:
+        print(f"kdaudit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdaudit: interrupted; complete runs are kept, rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdaudit", description=__doc__)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run (or resume) an audit from a YAML config")
+    run.add_argument("config", type=Path)
+    run.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set train.epochs=5 (repeatable)")  # fmt: skip
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    run.add_argument("--data-dir", type=Path, help="dataset directory (default: $KDAUDIT_DATA)")
+    run.add_argument("--smoke", action="store_true",
+                     help="a tiny grid and training (about a minute) to check the config works")  # fmt: skip
+    run.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    run.set_defaults(func=_run)
+
+    report = sub.add_parser("report", help="analyse a run directory and write DIR/report/")
+    report.add_argument("dir", type=Path)
+    report.set_defaults(func=_report)
+
+    status = sub.add_parser("status", help="complete / pending / failed runs of a run directory")
+    status.add_argument("dir", type=Path)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kdaudit import api
+    from kdaudit.progress import RichReporter
+
+    outcome, result = api.run(
+        args.config, args.out, overrides=args.overrides, device=args.device,
+        data_dir=args.data_dir, smoke_test=args.smoke, retry_failed=args.retry_failed,
+        reporter=RichReporter(),
+    )  # fmt: skip
+    print(f"{outcome.completed} runs completed now, {outcome.skipped} were already complete, "
+          f"{len(outcome.failed)} failed (of {outcome.total})")  # fmt: skip
+    if outcome.failed:
+        print("failed runs are listed by `kdaudit status DIR`; rerun them with --retry-failed")
+    if result is not None:
+        _print_result(result)
+    return 1 if outcome.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kdaudit import api
+
+    _print_result(api.report(args.dir))
+    return 0
+
+
+def _print_result(result) -> None:
+    from kdaudit.results import accuracy_by_condition
+
+    for t in result.teachers.itertuples():
+        print(f"teacher seed {t.teacher_seed}: test accuracy {t.test_accuracy:.4f}, "
+              f"train accuracy {t.train_accuracy:.4f}")  # fmt: skip
+    for r in accuracy_by_condition(result.runs).itertuples():
+        print(f"  {_setting(r)}: test accuracy {r.mean:.4f} ± {r.sem:.4f} (n={r.n})")
+    print()
+    for line in result.verdict_lines():
+        print(line)
+    print(f"\nreport: {result.report}")
+
+
+def _setting(r) -> str:
+    parts = [r.condition]
+    if r.alpha == r.alpha:  # not NaN
+        parts.append(f"alpha={r.alpha:g}")
+    if r.temperature == r.temperature:
+        parts.append(f"T={r.temperature:g}")
+    return " ".join(parts)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kdaudit.executors import grid_status
+
+    status = grid_status(args.dir)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"{args.dir}: {status['complete']} complete, {status['pending']} pending, "
+          f"{status['failed']} failed (of {status['total']})")  # fmt: skip
+    for name, c in status["conditions"].items():
+        print(
+            f"  {name:10s} complete {c['complete']:4d}  pending {c['pending']:4d}  failed {c['failed']:4d}"
+        )
+    for f in status["failed_runs"]:
+        print(f"  failed {f['run_id']} at step {f['step']}: {f['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

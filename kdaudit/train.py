@@ -1,0 +1,116 @@
+"""The one training loop. Conditions differ only by the objective passed in."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdaudit.conditions import Objective
+from kdaudit.config import TrainConfig
+from kdaudit.data import TensorData
+
+# (step, batch indices (B,), loss as a 0-d tensor: calling .item() on it is the caller's choice)
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check syncs the device)
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, first_step: int, last_step: int):
+        self.step = last_step
+        super().__init__(
+            f"the training loss became NaN or inf between steps {first_step} and {last_step}; "
+            "lower train.lr or check the inputs"
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    seconds: float
+
+
+def batch_order(n: int, cfg: TrainConfig, seed: int) -> Iterator[torch.Tensor]:
+    """Minibatch indices (B,): a fresh permutation per epoch from a generator seeded by `seed`.
+    A pure function of (n, batch size, epochs, max steps, seed): the pairing of conditions."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = total_steps(n, cfg)
+    step = 0
+    while step < steps:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            if step == steps:
+                return
+            yield perm[start : start + cfg.batch_size]
+            step += 1
+
+
+def total_steps(n: int, cfg: TrainConfig) -> int:
+    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def train(
+    model: nn.Module,
+    data: TensorData,
+    objective: Objective,
+    cfg: TrainConfig,
+    data_seed: int,
+    on_step: StepHook | None = None,
+) -> TrainResult:
+    start = time.perf_counter()
+    device = data.train_x.device
+    torch.manual_seed(data_seed)  # global RNG (dropout masks): same draws for every condition
+    optimizer = make_optimizer(model, cfg, device)
+    schedule = make_schedule(optimizer, cfg, total_steps(data.n_train, cfg))
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    model.train()
+    step = -1
+    for step, idx in enumerate(batch_order(data.n_train, cfg, data_seed)):
+        idx = idx.to(device, non_blocking=True)
+        loss = objective(model(data.train_x[idx]), data.train_y[idx], idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        nonfinite |= ~torch.isfinite(loss.detach())  # no host sync here
+        if on_step is not None:
+            on_step(step, idx, loss.detach())
+        if step % CHECK_EVERY == CHECK_EVERY - 1:
+            _check(nonfinite, step)
+    _check(nonfinite, step)
+    return TrainResult(step + 1, time.perf_counter() - start)
+
+
+def _check(nonfinite: torch.Tensor, step: int) -> None:
+    if bool(nonfinite):
+        raise NonFiniteLoss(max(0, step - CHECK_EVERY + 1), step)
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    params = model.parameters()
+    fused = device.type == "cuda"  # one kernel for all parameters; CPU keeps the foreach path
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fp32 logits (N, K) on the CPU, in eval mode."""
+    model.eval()
+    out = [model(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
