@@ -1,0 +1,64 @@
+"""Figures as PNG bytes, drawn on matplotlib Figure objects (no pyplot, no global state)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from kdaudit.report import fmt
+from kdaudit.stats import Analysis, SettingResult
+
+COLORS = {"correct": "#3b75af", "incorrect": "#c8553d"}
+DPI = 110
+
+
+def agreement_deltas(analysis: Analysis) -> bytes:
+    """Grouped bars of Δcorrect and Δincorrect per KD setting, one panel per teacher seed."""
+    seeds = sorted({s.teacher_seed for s in analysis.settings})
+    per_seed = [[s for s in analysis.settings if s.teacher_seed == seed] for seed in seeds]
+    n_bars = [len(p) for p in per_seed] or [1]
+    width = min(1.2 + sum(0.6 + 0.85 * n for n in n_bars), 15.0)  # inches
+    fig = Figure(figsize=(max(width, 4.5), 3.8), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(n_bars), sharey=True, squeeze=False, width_ratios=n_bars)[0]
+    if not seeds:
+        axes[0].text(0.5, 0.5, "no KD settings", ha="center", va="center")
+        axes[0].set_axis_off()
+        return _png(fig)
+    for ax, seed, settings in zip(axes, seeds, per_seed, strict=True):
+        _panel(ax, settings, seed)
+    axes[0].set_ylabel("agreement(KD) − agreement(B)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=2, frameon=False, fontsize=9)
+    return _png(fig)
+
+
+def _panel(ax, settings: list[SettingResult], seed: int) -> None:
+    show_t = len({s.temperature for s in settings}) > 1
+    x = np.arange(len(settings))
+    width = 0.38
+    for offset, bucket in ((-width / 2, "correct"), (width / 2, "incorrect")):
+        means = [getattr(s.asymmetry, f"delta_{bucket}") for s in settings]
+        sems = [getattr(s.asymmetry, f"sem_{bucket}") for s in settings]
+        ax.bar(x + offset, means, width, yerr=np.nan_to_num(sems), capsize=3,
+               color=COLORS[bucket], label=f"Δ{bucket}")  # fmt: skip
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    ax.set_xticks(x, [_tick(s, show_t) for s in settings], fontsize=7.5)
+    ax.set_title(f"teacher seed {seed}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _tick(s: SettingResult, show_t: bool) -> str:
+    label = f"α={s.alpha:g}" + (f"\nT={s.temperature:g}" if show_t else "")
+    a = s.asymmetry
+    baseline = a.baseline_correct
+    if a.baseline_incorrect != a.baseline_correct:
+        baseline = f"{a.baseline_correct}/\n{a.baseline_incorrect}"
+    return f"{label}\nB={baseline or fmt.MISSING}"
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()

@@ -1,0 +1,70 @@
+"""Number and label formatting: the only place where values are rounded."""
+
+from __future__ import annotations
+
+import math
+
+from kdaudit.metrics import BETTER
+
+MISSING = "–"
+ARROWS = {"lower": "↓", "higher": "↑"}
+CONTROL_NAMES = {"siddo": "SIDDO", "rcd": "RCD", "ls": "LS", "kd": "KD"}
+
+
+def is_missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def num(x, digits: int = 4) -> str:
+    """`digits` significant digits, e.g. 0.1235, 12.35, 1.235e-05."""
+    return MISSING if is_missing(x) else f"{float(x):.{digits}g}"
+
+
+def signed(x, digits: int = 3) -> str:
+    return MISSING if is_missing(x) else f"{float(x):+.{digits}g}"
+
+
+def pct(x) -> str:
+    if is_missing(x):
+        return MISSING
+    text = f"{100 * float(x):.1f}%"
+    return "0.0%" if text == "-0.0%" else text
+
+
+def pval(p) -> str:
+    """Exact p-values: 3 significant digits, scientific below 0.001."""
+    if is_missing(p):
+        return "n/a"
+    return f"{float(p):.2e}" if p < 1e-3 else f"{float(p):.3g}"
+
+
+def integer(x) -> str:
+    return MISSING if is_missing(x) else f"{int(x):,}"
+
+
+def control_name(control: str) -> str:
+    return CONTROL_NAMES.get(control, control)
+
+
+def baseline_name(correct: str, incorrect: str) -> str:
+    if correct == incorrect:
+        return control_name(correct)
+    return f"{control_name(correct)} (correct) / {control_name(incorrect)} (incorrect)"
+
+
+def metric_label(metric: str, arrow: bool = True) -> str:
+    label = metric.replace("_", " ")
+    return f"{label} {ARROWS[BETTER[metric]]}" if arrow and metric in BETTER else label
+
+
+def condition_label(condition: str, alpha: float, temperature: float, show_t: bool) -> str:
+    """Column label: 'siddo', 'kd α=0.5, T=1', 'rcd α=0.5', 'ls α=0.1'."""
+    parts = [] if is_missing(alpha) else [f"α={alpha:g}"]
+    if show_t and not is_missing(temperature):
+        parts.append(f"T={temperature:g}")
+    return f"{condition} {', '.join(parts)}" if parts else condition
+
+
+def setting_text(alpha: float, temperature: float) -> str:
+    """Plain-text setting for sentences: 'alpha=0.5, T=1'."""
+    return f"alpha={alpha:g}, T={temperature:g}"

@@ -1,0 +1,574 @@
+"""Paired statistics for the transfer decision (PROTOCOL sections 5 and 6).
+
+Input is the tidy run table, one row per run per metric. A *setting* is one
+(teacher_seed, alpha, temperature) of condition "kd"; its runs are paired with the runs of
+each control by student seed, which is what makes the Wilcoxon signed-rank tests paired.
+Everything here computes at full precision; rounding and formatting belong to the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from kdaudit.metrics import BETTER, FUNCTIONAL_METRICS
+
+REQUIRED_COLUMNS = (
+    "run_id",
+    "teacher_seed",
+    "student_seed",
+    "condition",
+    "alpha",
+    "temperature",
+    "metric",
+    "value",
+)
+SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature")
+TREATMENT = "kd"
+# control -> the setting parameters it must share with the KD setting it is compared to
+CONTROL_MATCH: dict[str, tuple[str, ...]] = {
+    "siddo": (),
+    "rcd": ("alpha", "temperature"),
+    "ls": ("alpha",),
+}
+CONTROLS = tuple(CONTROL_MATCH)
+VERDICT_CONTROLS = ("siddo", "rcd")
+DIRECTIONS = ("lower", "higher")
+BASELINES = ("accuracy", "agreement")
+VERDICTS = ("supported", "marginal", "not_supported")
+ASYMMETRY_LABELS = ("negative", "symmetric", "positive", "undetermined")
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """One-sided Wilcoxon signed-rank test of treatment vs control in the better direction."""
+
+    metric: str
+    better: str
+    n: int  # pairs
+    n_nonzero: int  # pairs with a nonzero difference: the pairs scipy actually ranks
+    statistic: float  # sum of the ranks of the positive differences (NaN when all_zero)
+    pvalue: float  # one-sided, NaN when all_zero
+    all_zero: bool
+    mean_treatment: float
+    mean_control: float
+    p_adjusted: float = math.nan  # Benjamini-Hochberg; NaN for tests outside an FDR family
+    significant: bool = False
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self)])
+
+
+def paired_wilcoxon(
+    treatment: Sequence[float] | np.ndarray,
+    control: Sequence[float] | np.ndarray,
+    better: str,
+    *,
+    metric: str = "",
+    level: float = 0.05,
+) -> PairedTest:
+    """Test whether treatment is better than control on paired samples.
+
+    `significant` is `pvalue <= level`; an FDR family overrides it (see `apply_fdr`).
+    """
+    if better not in DIRECTIONS:
+        raise ValueError(f"better must be one of {DIRECTIONS}, got {better!r}")
+    t, c = _paired_arrays(treatment, control)
+    d = t - c
+    common = dict(
+        metric=metric,
+        better=better,
+        n=int(d.size),
+        n_nonzero=int(np.count_nonzero(d)),
+        mean_treatment=float(t.mean()),
+        mean_control=float(c.mean()),
+    )
+    if common["n_nonzero"] == 0:
+        # No evidence either way; scipy would return a misleading p (or NaN), so do not ask.
+        return PairedTest(**common, statistic=math.nan, pvalue=math.nan, all_zero=True)
+    # zero_method="wilcox" (scipy's default) discards zero differences before ranking, so the
+    # test runs on n_nonzero pairs. method="auto": exact null for n_nonzero <= 50 without
+    # ties or zeros, exhaustive permutations when there are ties/zeros and n <= 13,
+    # the normal approximation otherwise.
+    alternative = "less" if better == "lower" else "greater"
+    res = sps.wilcoxon(d, alternative=alternative, method="auto")
+    p = float(res.pvalue)
+    return PairedTest(
+        **common, statistic=float(res.statistic), pvalue=p, all_zero=False, significant=p <= level
+    )
+
+
+def _paired_arrays(treatment, control) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(treatment, dtype=np.float64).ravel()
+    c = np.asarray(control, dtype=np.float64).ravel()
+    if t.size != c.size:
+        raise ValueError(f"paired samples differ in length: {t.size} vs {c.size}")
+    if t.size < 1:
+        raise ValueError("a paired test needs at least one pair")
+    if not (np.isfinite(t).all() and np.isfinite(c).all()):
+        raise ValueError("paired samples must be finite (drop incomplete pairs first)")
+    return t, c
+
+
+def benjamini_hochberg(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """BH-adjusted p-values; NaN entries stay NaN and are not counted in the family."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = sps.false_discovery_control(p[ok], method="bh")
+    return out
+
+
+def apply_fdr(tests: Sequence[PairedTest], q: float) -> tuple[PairedTest, ...]:
+    """Adjust a family of tests jointly; significant iff the adjusted p-value <= q."""
+    adjusted = benjamini_hochberg([t.pvalue for t in tests])
+    return tuple(
+        replace(t, p_adjusted=float(p), significant=bool(p <= q))
+        for t, p in zip(tests, adjusted, strict=True)
+    )
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    fdr_q: float = 0.05  # BH level over the functional metrics of one (setting, control)
+    alpha_level: float = 0.05  # every other tested metric, uncorrected
+    marginal_threshold: float = 0.10  # median relative improvement over SIDDO
+    asymmetry_tolerance: float = 0.01  # |delta_incorrect - delta_correct| counted as equal
+    baseline: str = "accuracy"  # best control B by mean accuracy, or "agreement" per bucket
+    exclude_controls: tuple[str, ...] = ()  # never used as the asymmetry baseline
+    metrics: tuple[str, ...] = (*FUNCTIONAL_METRICS, "accuracy", "loss")
+
+    def __post_init__(self) -> None:
+        # Checked when the config is loaded, not after hours of training.
+        if self.baseline not in ("accuracy", "agreement"):
+            raise ValueError(
+                f"analysis.baseline: {self.baseline!r} is not allowed; choose accuracy or agreement"
+            )
+
+
+@dataclass(frozen=True)
+class ControlComparison:
+    teacher_seed: int
+    condition: str
+    alpha: float
+    temperature: float
+    control: str
+    n: int  # student seeds present in both the setting and the control
+    tests: tuple[PairedTest, ...]
+
+    def test(self, metric: str) -> PairedTest | None:
+        return next((t for t in self.tests if t.metric == metric), None)
+
+    def to_frame(self) -> pd.DataFrame:
+        keys = dict(
+            teacher_seed=self.teacher_seed,
+            condition=self.condition,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            control=self.control,
+        )
+        return pd.DataFrame([{**keys, **asdict(t)} for t in self.tests], columns=_TEST_COLUMNS)
+
+
+_TEST_COLUMNS = [*SETTING_KEYS, "control", *(f for f in PairedTest.__dataclass_fields__)]
+
+
+@dataclass(frozen=True)
+class Asymmetry:
+    """Agreement gained on teacher-correct vs teacher-incorrect examples over control B."""
+
+    baseline_correct: str  # control B for delta_correct ("" when undetermined)
+    baseline_incorrect: str  # control B for delta_incorrect
+    delta_correct: float  # mean over seeds of A_correct(KD) - A_correct(B)
+    delta_incorrect: float  # mean over seeds of A_incorrect(KD) - A_incorrect(B)
+    label: str  # negative / symmetric / positive / undetermined
+    test: PairedTest | None  # d_incorrect vs d_correct, one-sided "greater"
+    n: int
+    student_seeds: tuple[int, ...] = ()
+    d_correct: tuple[float, ...] = ()  # per seed, aligned with student_seeds
+    d_incorrect: tuple[float, ...] = ()
+
+    @property
+    def best_control(self) -> str:
+        if self.baseline_correct == self.baseline_incorrect:
+            return self.baseline_correct
+        return f"correct:{self.baseline_correct}/incorrect:{self.baseline_incorrect}"
+
+    @property
+    def sem_correct(self) -> float:
+        return sem(self.d_correct)
+
+    @property
+    def sem_incorrect(self) -> float:
+        return sem(self.d_incorrect)
+
+    @property
+    def pvalue(self) -> float:
+        return math.nan if self.test is None else self.test.pvalue
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            dict(
+                student_seed=list(self.student_seeds),
+                baseline_correct=self.baseline_correct,
+                baseline_incorrect=self.baseline_incorrect,
+                d_correct=list(self.d_correct),
+                d_incorrect=list(self.d_incorrect),
+            ),
+            columns=_ASYMMETRY_COLUMNS,
+        )
+
+
+_ASYMMETRY_COLUMNS = ["student_seed", "baseline_correct", "baseline_incorrect"]
+_ASYMMETRY_COLUMNS += ["d_correct", "d_incorrect"]
+
+
+@dataclass(frozen=True)
+class SettingResult:
+    teacher_seed: int
+    condition: str
+    alpha: float
+    temperature: float
+    n: int  # KD runs of this setting
+    verdict: str
+    n_significant: int  # functional metrics significant vs both SIDDO and RCD
+    relative_improvement: float  # median over functional metrics, positive = KD better
+    comparisons: tuple[ControlComparison, ...]
+    asymmetry: Asymmetry
+    note: str = ""
+
+    def comparison(self, control: str) -> ControlComparison | None:
+        return next((c for c in self.comparisons if c.control == control), None)
+
+    def to_frame(self) -> pd.DataFrame:
+        a = self.asymmetry
+        row = dict(
+            teacher_seed=self.teacher_seed,
+            condition=self.condition,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            n=self.n,
+            verdict=self.verdict,
+            n_significant=self.n_significant,
+            relative_improvement=self.relative_improvement,
+            asymmetry=a.label,
+            delta_correct=a.delta_correct,
+            delta_incorrect=a.delta_incorrect,
+            best_control=a.best_control,
+            asymmetry_p=a.pvalue,
+            note=self.note,
+        )
+        return pd.DataFrame([row], columns=VERDICT_COLUMNS)
+
+
+VERDICT_COLUMNS = [*SETTING_KEYS, "n", "verdict", "n_significant", "relative_improvement"]
+VERDICT_COLUMNS += ["asymmetry", "delta_correct", "delta_incorrect", "best_control"]
+VERDICT_COLUMNS += ["asymmetry_p", "note"]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    settings: tuple[SettingResult, ...]
+    options: AnalysisOptions
+
+    def verdicts_frame(self) -> pd.DataFrame:
+        """One row per setting."""
+        return _concat([s.to_frame() for s in self.settings], VERDICT_COLUMNS)
+
+    def tests_frame(self) -> pd.DataFrame:
+        """One row per (setting, control, metric)."""
+        frames = [c.to_frame() for s in self.settings for c in s.comparisons]
+        return _concat(frames, _TEST_COLUMNS)
+
+    def asymmetry_frame(self) -> pd.DataFrame:
+        """Per-seed agreement deltas, one row per (setting, student seed)."""
+        frames = [_with_keys(s.asymmetry.to_frame(), s) for s in self.settings]
+        return _concat(frames, [*SETTING_KEYS, *_ASYMMETRY_COLUMNS])
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.verdicts_frame()
+
+
+def _with_keys(frame: pd.DataFrame, s: SettingResult) -> pd.DataFrame:
+    keys = dict(
+        teacher_seed=s.teacher_seed, condition=s.condition, alpha=s.alpha, temperature=s.temperature
+    )
+    return frame.assign(**keys)
+
+
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def sem(values: Sequence[float] | np.ndarray) -> float:
+    """Standard error of the mean (ddof=1) of the non-NaN values; NaN below two values."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(sps.sem(v, ddof=1)) if v.size >= 2 else math.nan
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean, SEM and n per (teacher_seed, condition, alpha, temperature, metric)."""
+    check_columns(runs)
+    keys = [*SETTING_KEYS, "metric"]
+    values = runs.assign(value=runs["value"].astype(np.float64))
+    grouped = values.groupby(keys, dropna=False, sort=True)["value"]
+    return grouped.agg(mean="mean", sem=sem, n="count").reset_index()
+
+
+def check_columns(runs: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in runs.columns]
+    if missing:
+        raise ValueError(
+            f"runs is missing columns {missing}; expected columns: {list(REQUIRED_COLUMNS)}"
+        )
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def analyse(runs: pd.DataFrame, options: AnalysisOptions = AnalysisOptions()) -> Analysis:
+    """Test every KD setting against its paired controls and decide the verdicts."""
+    check_columns(runs)
+    _check_options(options)
+    runs = runs.assign(value=runs["value"].astype(np.float64))
+    settings = [_analyse_setting(runs, key, options) for key in _kd_settings(runs)]
+    return Analysis(tuple(settings), options)
+
+
+def _check_options(options: AnalysisOptions) -> None:
+    if options.baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {options.baseline!r}")
+    unknown = [c for c in options.exclude_controls if c not in CONTROLS]
+    if unknown:
+        raise ValueError(f"exclude_controls has unknown controls {unknown}; known: {CONTROLS}")
+    unknown = [m for m in options.metrics if m not in BETTER]
+    if unknown:
+        raise ValueError(f"metrics has unknown metrics {unknown}; known: {sorted(BETTER)}")
+
+
+def _kd_settings(runs: pd.DataFrame) -> list[tuple[int, float, float]]:
+    kd = runs.loc[runs["condition"] == TREATMENT, ["teacher_seed", "alpha", "temperature"]]
+    kd = kd.drop_duplicates().sort_values(["teacher_seed", "alpha", "temperature"])
+    return [(int(s), float(a), float(t)) for s, a, t in kd.itertuples(index=False)]
+
+
+def _select(runs: pd.DataFrame, condition: str, key: Mapping[str, float]) -> pd.DataFrame:
+    mask = (runs["condition"] == condition) & (runs["teacher_seed"] == key["teacher_seed"])
+    for column in CONTROL_MATCH.get(condition, ("alpha", "temperature")):
+        # float settings come from configs; compare with a tolerance, never NaN == NaN
+        mask &= np.isclose(runs[column].astype(np.float64), key[column], rtol=1e-9, atol=1e-12)
+    return runs[mask]
+
+
+def _wide(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """(student seeds, metrics) table of one condition's runs."""
+    dup = frame.duplicated(["student_seed", "metric"], keep=False)
+    if dup.any():
+        seeds = sorted(frame.loc[dup, "student_seed"].unique().tolist())
+        raise ValueError(f"{label}: more than one run per student seed and metric (seeds {seeds})")
+    return frame.pivot(index="student_seed", columns="metric", values="value").sort_index()
+
+
+def _analyse_setting(runs: pd.DataFrame, setting, options: AnalysisOptions) -> SettingResult:
+    teacher_seed, alpha, temperature = setting
+    key = dict(teacher_seed=teacher_seed, alpha=alpha, temperature=temperature)
+    label = f"teacher seed {teacher_seed}, kd alpha={alpha:g}, T={temperature:g}"
+    kd = _wide(_select(runs, TREATMENT, key), label)
+    controls = _control_tables(runs, key, label)
+    comparisons = tuple(
+        _compare(kd, wide, name, (teacher_seed, TREATMENT, alpha, temperature), options)
+        for name, wide in controls.items()
+    )
+    verdict, n_sig, rel, notes = _verdict(comparisons, options)
+    asymmetry, asym_notes = _asymmetry(kd, controls, options)
+    notes += _pairing_notes(kd, comparisons) + asym_notes
+    return SettingResult(
+        teacher_seed=teacher_seed,
+        condition=TREATMENT,
+        alpha=alpha,
+        temperature=temperature,
+        n=len(kd),
+        verdict=verdict,
+        n_significant=n_sig,
+        relative_improvement=rel,
+        comparisons=comparisons,
+        asymmetry=asymmetry,
+        note="; ".join(notes),
+    )
+
+
+def _control_tables(runs: pd.DataFrame, key, label: str) -> dict[str, pd.DataFrame]:
+    """The (student seed, metric) table of every control present for a setting."""
+    tables = {}
+    for name in CONTROLS:
+        selected = _select(runs, name, key)
+        if not selected.empty:
+            tables[name] = _wide(selected, f"{label}: control {name}")
+    return tables
+
+
+def _compare(kd, control, name, keys, options: AnalysisOptions) -> ControlComparison:
+    seeds = kd.index.intersection(control.index)
+    tests = []
+    for metric in options.metrics:
+        if metric not in kd.columns or metric not in control.columns:
+            continue
+        pairs = pd.concat([kd.loc[seeds, metric], control.loc[seeds, metric]], axis=1).dropna()
+        if not pairs.empty:
+            t, c = pairs.to_numpy().T
+            test = paired_wilcoxon(t, c, BETTER[metric], metric=metric, level=options.alpha_level)
+            tests.append(test)
+    family = [i for i, t in enumerate(tests) if t.metric in FUNCTIONAL_METRICS]
+    adjusted_family = apply_fdr([tests[i] for i in family], options.fdr_q)
+    for i, adjusted in zip(family, adjusted_family, strict=True):
+        tests[i] = adjusted
+    return ControlComparison(*keys, control=name, n=len(seeds), tests=tuple(tests))
+
+
+def _verdict(comparisons, options: AnalysisOptions) -> tuple[str, int, float, list[str]]:
+    by_name = {c.control: c for c in comparisons}
+    missing = [c for c in VERDICT_CONTROLS if c not in by_name]
+    rel = _relative_improvement(by_name["siddo"]) if "siddo" in by_name else math.nan
+    if missing:
+        names = " and ".join(m.upper() for m in missing)
+        return "not_supported", 0, rel, [f"no {names} runs to compare with: verdict needs both"]
+    n_sig = sum(
+        all(_significant(by_name[c], m) for c in VERDICT_CONTROLS) for m in FUNCTIONAL_METRICS
+    )
+    if n_sig <= len(FUNCTIONAL_METRICS) / 2:
+        return "not_supported", n_sig, rel, []
+    if rel < options.marginal_threshold:
+        return "marginal", n_sig, rel, []
+    notes = [] if not math.isnan(rel) else ["relative improvement undefined (SIDDO mean 0)"]
+    return "supported", n_sig, rel, notes
+
+
+def _significant(comparison: ControlComparison, metric: str) -> bool:
+    test = comparison.test(metric)
+    return test is not None and test.significant
+
+
+def _relative_improvement(siddo: ControlComparison) -> float:
+    """Median over functional metrics of the KD gain over SIDDO, relative to |SIDDO|."""
+    gains = []
+    for metric in FUNCTIONAL_METRICS:
+        t = siddo.test(metric)
+        if t is None or t.mean_control == 0:
+            continue
+        sign = 1.0 if t.better == "higher" else -1.0
+        gains.append(sign * (t.mean_treatment - t.mean_control) / abs(t.mean_control))
+    return float(np.median(gains)) if gains else math.nan
+
+
+def _pairing_notes(kd: pd.DataFrame, comparisons) -> list[str]:
+    notes = []
+    for c in comparisons:
+        if c.n < len(kd):
+            notes.append(f"{len(kd) - c.n} KD run(s) without a paired {c.control.upper()} run")
+    return notes
+
+
+# ----------------------------------------------------------------------------- asymmetry
+
+_AGREEMENT = {"correct": "correct_agreement", "incorrect": "incorrect_agreement"}
+
+
+def _asymmetry(kd, controls, options: AnalysisOptions) -> tuple[Asymmetry, list[str]]:
+    candidates = {k: v for k, v in controls.items() if k not in options.exclude_controls}
+    b_correct, b_incorrect = _baselines(candidates, options.baseline)
+    if b_correct is None or b_incorrect is None:
+        return _undetermined(b_correct, b_incorrect), ["asymmetry undetermined: no usable control"]
+    d = _agreement_deltas(kd, candidates[b_correct], candidates[b_incorrect])
+    if d.empty:
+        note = "asymmetry undetermined: no seed with both agreement buckets for KD and control"
+        return _undetermined(b_correct, b_incorrect), [note]
+    test = paired_wilcoxon(
+        d["incorrect"],
+        d["correct"],
+        "higher",
+        metric="delta_incorrect_minus_delta_correct",
+        level=options.alpha_level,
+    )
+    label = _asymmetry_label(test.mean_control, test.mean_treatment, options.asymmetry_tolerance)
+    return Asymmetry(
+        baseline_correct=b_correct,
+        baseline_incorrect=b_incorrect,
+        delta_correct=test.mean_control,
+        delta_incorrect=test.mean_treatment,
+        label=label,
+        test=test,
+        n=len(d),
+        student_seeds=tuple(int(s) for s in d.index),
+        d_correct=tuple(float(x) for x in d["correct"]),
+        d_incorrect=tuple(float(x) for x in d["incorrect"]),
+    ), []
+
+
+def _baselines(candidates, baseline: str) -> tuple[str | None, str | None]:
+    """Control B for (delta_correct, delta_incorrect) as PROTOCOL section 6 chooses it."""
+    if baseline == "accuracy":
+        best = _best_control(candidates, "accuracy")
+        return best, best
+    return (
+        _best_control(candidates, _AGREEMENT["correct"]),
+        _best_control(candidates, _AGREEMENT["incorrect"]),
+    )
+
+
+def _best_control(candidates: Mapping[str, pd.DataFrame], metric: str) -> str | None:
+    """The control with the highest mean `metric` over its runs; ties go to CONTROLS order."""
+    means = {
+        name: float(np.nanmean(w[metric])) if metric in w and w[metric].notna().any() else math.nan
+        for name, w in candidates.items()
+    }
+    means = {k: v for k, v in means.items() if not math.isnan(v)}
+    return max(means, key=means.__getitem__) if means else None
+
+
+def _agreement_deltas(kd, b_correct, b_incorrect) -> pd.DataFrame:
+    """Per student seed: KD minus baseline agreement, on each teacher bucket."""
+    columns = {}
+    for bucket, baseline in (("correct", b_correct), ("incorrect", b_incorrect)):
+        metric = _AGREEMENT[bucket]
+        if metric not in kd or metric not in baseline:
+            return pd.DataFrame(columns=["correct", "incorrect"])
+        columns[bucket] = kd[metric] - baseline[metric]  # aligned on student_seed
+    return pd.DataFrame(columns).dropna().sort_index()
+
+
+def _asymmetry_label(delta_correct: float, delta_incorrect: float, tolerance: float) -> str:
+    diff = delta_incorrect - delta_correct
+    if abs(diff) <= tolerance:
+        return "symmetric"
+    return "negative" if diff > tolerance else "positive"
+
+
+def _undetermined(b_correct: str | None, b_incorrect: str | None) -> Asymmetry:
+    return Asymmetry(
+        baseline_correct=b_correct or "",
+        baseline_incorrect=b_incorrect or "",
+        delta_correct=math.nan,
+        delta_incorrect=math.nan,
+        label="undetermined",
+        test=None,
+        n=0,
+    )
