@@ -12,7 +12,7 @@ import torch
 
 from kdaudit.conditions import build_objective
 from kdaudit.data import TensorData
-from kdaudit.metrics import functional_similarity
+from kdaudit.metrics import accuracy_and_loss, functional_similarity
 from kdaudit.models import build_model
 from kdaudit.protocol import RunSpec
 from kdaudit.store import RunStore, code_version
@@ -99,11 +99,3 @@ def _provenance(device: torch.device, seconds: float) -> dict:
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **code_version(),
     }
-
-
-def accuracy_and_loss(logits, labels):  # TEMP until metrics exposes it
-    import torch.nn.functional as F
-
-    logits = torch.as_tensor(logits).double()
-    acc = (logits.argmax(1) == labels).double().mean().item()
-    return acc, F.cross_entropy(logits, labels).item()

@@ -23,7 +23,7 @@ def verdict_lines(analysis: Analysis) -> list[str]:
 
 def verdict_sentence(s: SettingResult, options: AnalysisOptions) -> str:
     head = f"Teacher seed {s.teacher_seed}, KD {fmt.setting_text(s.alpha, s.temperature)}"
-    return f"{head}: {_transfer(s, options)}; {_asymmetry(s.asymmetry, s.n)}."
+    return f"{head}: {_transfer(s, options)}; {_asymmetry(s.asymmetry, s.n, options)}."
 
 
 def _transfer(s: SettingResult, options: AnalysisOptions) -> str:
@@ -39,13 +39,14 @@ def _transfer(s: SettingResult, options: AnalysisOptions) -> str:
     return f"transfer {s.verdict.replace('_', ' ')} ({evidence}, n={s.n})"
 
 
-def _asymmetry(a: Asymmetry, n: int) -> str:
+def _asymmetry(a: Asymmetry, n: int, options: AnalysisOptions) -> str:
     if a.label not in ASYMMETRY_TEXT:
         return "asymmetry undetermined (no control or agreement data to compare with)"
     if a.test is None or a.test.all_zero:
         p = "one-sided Wilcoxon undefined: every per-seed difference is zero"
     else:
-        p = f"one-sided Wilcoxon p={fmt.pval(a.test.pvalue)}"
+        verdict = "significant" if a.test.significant else "not significant, a point estimate only"
+        p = f"one-sided Wilcoxon p={fmt.pval(a.test.pvalue)}, {verdict} at {options.alpha_level:g}"
     n_text = "" if a.n == n else f", n={a.n}"
     baseline = fmt.baseline_name(a.baseline_correct, a.baseline_incorrect)
     return (
