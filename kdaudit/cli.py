@@ -60,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         reporter=RichReporter(),
     )  # fmt: skip
     print(f"{outcome.completed} runs completed now, {outcome.skipped} were already complete, "
-          f"{len(outcome.failed)} failed (of {outcome.total})")  # fmt: skip
+          f"{len(outcome.failed)} failed, {outcome.blocked} blocked by a failed teacher "
+          f"(of {outcome.total})")  # fmt: skip
     if outcome.failed:
         print("failed runs are listed by `kdaudit status DIR`; rerun them with --retry-failed")
     if result is not None:
@@ -106,10 +107,12 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print(f"{args.dir}: {status['complete']} complete, {status['pending']} pending, "
-          f"{status['failed']} failed (of {status['total']})")  # fmt: skip
+          f"{status['failed']} failed, {status['blocked']} blocked by a failed teacher "
+          f"(of {status['total']})")  # fmt: skip
     for name, c in status["conditions"].items():
         print(
-            f"  {name:10s} complete {c['complete']:4d}  pending {c['pending']:4d}  failed {c['failed']:4d}"
+            f"  {name:10s} complete {c['complete']:4d}  pending {c['pending']:4d}  "
+            f"failed {c['failed']:4d}  blocked {c['blocked']:4d}"
         )
     for f in status["failed_runs"]:
         print(f"  failed {f['run_id']} at step {f['step']}: {f['error']}")

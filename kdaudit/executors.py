@@ -24,6 +24,7 @@ class GridOutcome:
     skipped: int  # complete before this call
     completed: int  # completed by this call
     failed: tuple[str, ...]  # run ids that failed (now or before, when not retried)
+    blocked: int = 0  # students not run because their teacher is not complete
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -58,7 +59,8 @@ def run_local(
     reporter.end_grid()
     failed = tuple(r.run_id for r in grid.runs if store.failure(r.run_id))
     completed = sum(store.is_complete(r.run_id) for r in grid.runs) - skipped
-    return GridOutcome(len(grid.runs), skipped, completed, failed)
+    blocked = sum(_state(store, r) == "blocked" for r in grid.runs)
+    return GridOutcome(len(grid.runs), skipped, completed, failed, blocked)
 
 
 def _todo(store: RunStore, spec: RunSpec, retry_failed: bool) -> bool:
@@ -72,7 +74,8 @@ def _run_all(cfg, grid: Grid, todo, store: RunStore, device, data_dir, reporter:
     teachers = TeacherOutputs(store, device)
     for spec in todo:
         if not spec.is_teacher and not store.is_complete(spec.teacher_id):
-            _fail(store, spec, f"its teacher {spec.teacher_id} did not complete", None, reporter)
+            # Not a failure of this run: it stays pending and runs once its teacher exists.
+            reporter.end_run(spec, f"skipped: its teacher {spec.teacher_id} did not complete")
             continue
         reporter.start_run(spec, total_steps(data.n_train, spec.train))
         try:
@@ -86,6 +89,7 @@ def _run_all(cfg, grid: Grid, todo, store: RunStore, device, data_dir, reporter:
 
 
 def _fail(store: RunStore, spec: RunSpec, error: str, step, reporter: Reporter) -> None:
+    """Record a run that raised (called inside the except block: the traceback is its own)."""
     store.write_failure(spec, error, traceback.format_exc(), step)
     reporter.end_run(spec, f"failed: {error}")
 
@@ -114,11 +118,15 @@ def grid_status(out: str | Path) -> dict:
 def _state(store: RunStore, spec: RunSpec) -> str:
     if store.is_complete(spec.run_id):
         return "complete"
-    return "failed" if store.failure(spec.run_id) else "pending"
+    if store.failure(spec.run_id):
+        return "failed"
+    if not spec.is_teacher and store.failure(spec.teacher_id):
+        return "blocked"  # pending, waiting for a teacher that failed
+    return "pending"
 
 
 def _counts(c: Counter) -> dict[str, int]:
-    return {k: c.get(k, 0) for k in ("complete", "failed", "pending")}
+    return {k: c.get(k, 0) for k in ("complete", "failed", "blocked", "pending")}
 
 
 def _brief(failure: dict) -> dict:

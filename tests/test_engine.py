@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdaudit import conditions
+from kdaudit import conditions, runner
 from kdaudit.cli import main
 from kdaudit.config import load_config
 from kdaudit.executors import grid_status, run_local
@@ -86,7 +86,7 @@ def test_a_nan_loss_is_recorded_as_failed_and_the_grid_goes_on(tiny_config, tmp_
     outcome = run_local(cfg, tmp_path / "out", "cpu")
     assert len(outcome.failed) == 2 and outcome.completed == 5
     status = grid_status(tmp_path / "out")
-    assert status["conditions"]["kd"] == {"complete": 0, "failed": 2, "pending": 0}
+    assert status["conditions"]["kd"] == {"complete": 0, "failed": 2, "blocked": 0, "pending": 0}
     assert "NaN or inf between steps" in status["failed_runs"][0]["error"]
     assert status["failed_runs"][0]["step"] == 19  # checked at the end of the 20 steps
     # not retried by default; retried (and now fine) with retry_failed
@@ -96,17 +96,24 @@ def test_a_nan_loss_is_recorded_as_failed_and_the_grid_goes_on(tiny_config, tmp_
     assert grid_status(tmp_path / "out")["failed"] == 0
 
 
-def test_students_of_a_failed_teacher_are_failed_with_the_reason(
-    tiny_config, tmp_path, monkeypatch
-):
+def test_students_of_a_failed_teacher_wait_for_it(tiny_config, tmp_path, monkeypatch):
+    """A failed teacher blocks its students without recording them as failed, so that
+    retrying the teacher runs them too."""
+
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
+    real_train = runner.train
     monkeypatch.setattr("kdaudit.runner.train", broken)
-    outcome = run_local(load_config(tiny_config), tmp_path / "out", "cpu")
-    assert len(outcome.failed) == 7
-    errors = {f["error"] for f in grid_status(tmp_path / "out")["failed_runs"]}
-    assert "RuntimeError: boom" in errors and any("did not complete" in e for e in errors)
+    cfg = load_config(tiny_config)
+    outcome = run_local(cfg, tmp_path / "out", "cpu")
+    assert len(outcome.failed) == 1 and outcome.blocked == 6 and outcome.completed == 0
+    status = grid_status(tmp_path / "out")
+    assert status["failed_runs"][0]["error"] == "RuntimeError: boom"
+    assert status["conditions"]["kd"]["blocked"] == 2
+    monkeypatch.setattr("kdaudit.runner.train", real_train)
+    assert run_local(cfg, tmp_path / "out", "cpu").completed == 0  # failures need a retry
+    assert run_local(cfg, tmp_path / "out", "cpu", retry_failed=True).completed == 7
 
 
 def test_a_crash_while_writing_leaves_no_half_written_run(tiny_config, tmp_path, monkeypatch):
@@ -164,7 +171,7 @@ def test_cli_run_status_report(tiny_config, tmp_path, capsys):
     status = json.loads(capsys.readouterr().out)
     assert status["complete"] == 7 and status["conditions"]["kd"]["complete"] == 2
     assert main(["status", str(out)]) == 0
-    assert "7 complete, 0 pending, 0 failed" in capsys.readouterr().out
+    assert "7 complete, 0 pending, 0 failed, 0 blocked" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
 
 
