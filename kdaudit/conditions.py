@@ -1,21 +1,32 @@
 """Training conditions (PROTOCOL section 2): one loss form, different targets.
 
-A condition builds an *objective*, `objective(logits, labels, idx) -> loss`, where `idx`
-are the training-set indices of the batch (used to look up cached teacher outputs). The
-training loop is the same for every condition; only the objective differs.
+A condition builds an *objective*, `objective(logits, batch) -> loss`. The training loop
+is the same for every condition; only the objective differs. KD gets the teacher's logits
+for a batch from a `TeacherTargets` callable: cached per example when the student sees the
+training data unaugmented, or a teacher forward pass on the augmented batch otherwise.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kdaudit.registry import Registry
 
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class Batch:
+    idx: torch.Tensor  # (B,) training-set indices
+    x: torch.Tensor  # (B, ...) model inputs, after augmentation and normalisation
+    y: torch.Tensor  # (B,) labels
+
+
+Objective = Callable[[torch.Tensor, Batch], torch.Tensor]  # (logits (B, K), batch) -> loss
+TeacherTargets = Callable[[Batch], torch.Tensor]  # batch -> teacher logits (B, K)
 
 # info: params = the grid axes the protocol expands; needs_teacher = uses teacher outputs;
 # control = a control condition (compared against KD in the statistics).
@@ -37,56 +48,75 @@ def distillation_loss(
     return (1.0 - alpha) * ce + alpha * temperature**2 * kl
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)
+def _cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(logits, batch.y)
 
 
 @CONDITIONS.register("teacher", params=(), needs_teacher=False, control=False)
-def teacher(alpha, temperature, num_classes, teacher_logits) -> Objective:
+def teacher(alpha, temperature, num_classes, teacher_targets) -> Objective:
     return _cross_entropy
 
 
 @CONDITIONS.register("siddo", params=(), needs_teacher=False, control=True)
-def siddo(alpha, temperature, num_classes, teacher_logits) -> Objective:
+def siddo(alpha, temperature, num_classes, teacher_targets) -> Objective:
     """Same init, different data order: plain CE, the independent-model control."""
     return _cross_entropy
 
 
 @CONDITIONS.register("kd", params=("alpha", "temperature"), needs_teacher=True, control=False)
-def kd(alpha, temperature, num_classes, teacher_logits) -> Objective:
+def kd(alpha, temperature, num_classes, teacher_targets: TeacherTargets) -> Objective:
     """Target: the trained teacher's softened distribution on the same batch."""
 
-    def objective(logits, labels, idx):
-        target = F.log_softmax(teacher_logits[idx].to(logits.dtype) / temperature, dim=-1)
-        return distillation_loss(logits, labels, target, alpha, temperature)
+    def objective(logits, batch):
+        z_t = teacher_targets(batch).to(logits.dtype)  # (B, K)
+        target = F.log_softmax(z_t / temperature, dim=-1)
+        return distillation_loss(logits, batch.y, target, alpha, temperature)
 
     return objective
 
 
 @CONDITIONS.register("rcd", params=("alpha", "temperature"), needs_teacher=False, control=True)
-def rcd(alpha, temperature, num_classes, teacher_logits) -> Objective:
+def rcd(alpha, temperature, num_classes, teacher_targets) -> Objective:
     """Random control distillation: the KD loss form with the class-uniform target 1/K."""
     uniform = torch.full((1, num_classes), -math.log(num_classes), dtype=torch.float64)
 
-    def objective(logits, labels, idx):
+    def objective(logits, batch):
         target = uniform.to(logits.device, logits.dtype)
-        return distillation_loss(logits, labels, target, alpha, temperature)
+        return distillation_loss(logits, batch.y, target, alpha, temperature)
 
     return objective
 
 
 @CONDITIONS.register("ls", params=("alpha",), needs_teacher=False, control=True)
-def ls(alpha, temperature, num_classes, teacher_logits) -> Objective:
+def ls(alpha, temperature, num_classes, teacher_targets) -> Objective:
     """Label smoothing with epsilon = alpha (an appendix control, equivalent to RCD at T=1)."""
 
-    def objective(logits, labels, idx):
-        return F.cross_entropy(logits, labels, label_smoothing=alpha)
+    def objective(logits, batch):
+        return F.cross_entropy(logits, batch.y, label_smoothing=alpha)
 
     return objective
 
 
-def build_objective(name: str, alpha, temperature, num_classes: int, teacher_logits=None):
+def build_objective(
+    name: str, alpha, temperature, num_classes: int, teacher: TeacherTargets | None = None
+) -> Objective:
     entry = CONDITIONS.get(name)
-    if entry.info["needs_teacher"] and teacher_logits is None:
-        raise ValueError(f"condition {name!r} needs the teacher's training-set outputs")
-    return entry.build(alpha, temperature, num_classes, teacher_logits)
+    if entry.info["needs_teacher"] and teacher is None:
+        raise ValueError(f"condition {name!r} needs the teacher's outputs")
+    return entry.build(alpha, temperature, num_classes, teacher)
+
+
+def cached_targets(train_logits: torch.Tensor) -> TeacherTargets:
+    """The teacher's logits on the unaugmented training set (N, K), looked up per batch."""
+    return lambda batch: train_logits[batch.idx]
+
+
+def model_targets(teacher: torch.nn.Module) -> TeacherTargets:
+    """A forward pass of the (eval-mode) teacher on the batch the student sees."""
+    teacher.eval()
+
+    def targets(batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return teacher(batch.x).flatten(0, -2)  # (B, K), or (B * T, V) for sequences
+
+    return targets

@@ -44,9 +44,13 @@ class TrainConfig:
     epochs: int = 30
     max_steps: int | None = None  # cap on optimizer steps (used by --smoke)
     eval_batch_size: int = 4096
+    augment: str = "none"  # none | crop_flip | randaugment (image datasets)
+    # train accuracy/loss from at most this many examples (positions, for text); None: all
+    eval_train_limit: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _check_choice("train.augment", self.augment, ("none", "crop_flip", "randaugment"))
         _check_choice("train.schedule", self.schedule, ("constant", "cosine"))
         _check_positive("train.lr", self.lr)
         _check_positive("train.batch_size", self.batch_size)
@@ -187,6 +191,11 @@ def _registered(metadata: Any, value: Any, key: str) -> Any:
     return from_dict(registry.get(value["name"]).config, value, key)
 
 
+def parse_registered(kind: str, value: dict, key: str | None = None) -> Any:
+    """A `data` or `model` section (a mapping with `name`) as its registered config class."""
+    return _registered({"registry": kind}, value, key or kind)
+
+
 def _registry(kind: str):
     if kind == "data":
         from kdaudit.data import DATASETS
@@ -234,13 +243,28 @@ def _join(where: str, name: str) -> str:
 # ---------------------------------------------------------------- saving
 
 
-def to_dict(cfg: Any) -> Any:
-    """Plain-data view of a config (tuples become lists), for YAML/JSON and hashing."""
+def to_dict(cfg: Any, drop_defaults: bool = False) -> Any:
+    """Plain-data view of a config (tuples become lists), for YAML/JSON and hashing.
+
+    drop_defaults leaves out fields at their default value (never `name`), so that adding a
+    setting whose default keeps the old behaviour does not change the hash of old runs."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {
+            f.name: to_dict(getattr(cfg, f.name), drop_defaults)
+            for f in dataclasses.fields(cfg)
+            if not (drop_defaults and f.name != "name" and _at_default(cfg, f))
+        }
     if isinstance(cfg, tuple | list):
-        return [to_dict(v) for v in cfg]
+        return [to_dict(v, drop_defaults) for v in cfg]
     return cfg
+
+
+def _at_default(cfg: Any, f: dataclasses.Field) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return getattr(cfg, f.name) == f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return getattr(cfg, f.name) == f.default_factory()
+    return False
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -12,7 +12,6 @@ minibatches; only the objective differs.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, replace
@@ -59,7 +58,9 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        blob = json.dumps({"format": RUN_FORMAT, **to_dict(self)}, sort_keys=True)
+        blob = json.dumps(
+            {"format": RUN_FORMAT, **to_dict(self, drop_defaults=True)}, sort_keys=True
+        )
         return f"{self.label}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
     def to_dict(self) -> dict:
@@ -125,7 +126,3 @@ def smoke(cfg: ExperimentConfig, max_steps: int = 40) -> ExperimentConfig:
     return replace(
         cfg, name=f"{cfg.name}-smoke", train=replace(cfg.train, max_steps=steps), protocol=protocol
     )
-
-
-def run_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(RunSpec)]

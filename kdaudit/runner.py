@@ -10,13 +10,12 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from kdaudit.conditions import build_objective
-from kdaudit.data import TensorData
+from kdaudit.conditions import build_objective, cached_targets, model_targets
 from kdaudit.metrics import accuracy_and_loss, functional_similarity
 from kdaudit.models import build_model
 from kdaudit.protocol import RunSpec
 from kdaudit.store import RunStore, code_version
-from kdaudit.train import StepHook, predict, train
+from kdaudit.train import StepHook, evaluate, predict, train
 
 
 @dataclass
@@ -26,6 +25,7 @@ class TeacherOutputs:
     store: RunStore
     device: torch.device
     _train: dict[str, torch.Tensor] = field(default_factory=dict)
+    _models: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def train_logits(self, teacher_id: str) -> torch.Tensor:  # (N_train, K) on the device
         if teacher_id not in self._train:
@@ -36,10 +36,27 @@ class TeacherOutputs:
     def test_logits(self, teacher_id: str) -> np.ndarray:  # (N_test, K), memory-mapped
         return self.store.array(teacher_id, "test_logits")
 
+    def model(self, teacher_id: str, data) -> torch.nn.Module:
+        """The trained teacher, rebuilt from its stored config and weights."""
+        if teacher_id not in self._models:
+            self._models[teacher_id] = self._load_model(teacher_id, data)
+        return self._models[teacher_id]
+
+    def _load_model(self, teacher_id: str, data) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        from kdaudit.config import parse_registered
+
+        spec = self.store.spec(teacher_id)
+        cfg = parse_registered("model", spec["model"])
+        model = build_model(cfg, data.input_shape, data.num_classes, spec["init_seed"])
+        model.load_state_dict(load_file(self.store.runs / teacher_id / "weights.safetensors"))
+        return model.to(self.device)
+
 
 def execute(
     spec: RunSpec,
-    data: TensorData,
+    data,  # TensorData or TokenData (kdaudit.data)
     store: RunStore,
     teachers: TeacherOutputs,
     save_weights: bool = False,
@@ -47,30 +64,51 @@ def execute(
 ) -> dict:
     """Train the run that `spec` describes and write it to the store; return its record."""
     start = time.perf_counter()
-    device = data.train_x.device
+    device = data.device
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.init_seed).to(device)
-    teacher_train = teachers.train_logits(spec.teacher_id) if _needs_teacher(spec) else None
+    teacher = _teacher_targets(spec, data, teachers) if _needs_teacher(spec) else None
     objective = build_objective(
-        spec.condition, spec.alpha, spec.temperature, data.num_classes, teacher_train
+        spec.condition, spec.alpha, spec.temperature, data.num_classes, teacher
     )
     result = train(model, data, objective, spec.train, spec.data_seed, on_step)
-    test_logits = predict(model, data.test_x, spec.train.eval_batch_size)  # (N_test, K) fp32
-    train_logits = predict(model, data.train_x, spec.train.eval_batch_size)
+    batch_size = spec.train.eval_batch_size
+    test_logits = predict(model, data, "test", batch_size)  # (N_test, K) fp32
+    test_labels = data.labels("test").cpu()
+    arrays = {"test_logits": test_logits.numpy()}
+    if spec.is_teacher and data.cacheable:
+        train_logits = predict(model, data, "train", batch_size)  # the students' KD targets
+        arrays["train_logits"] = train_logits.numpy()
+        train_metrics = accuracy_and_loss(train_logits, data.labels("train").cpu())
+    else:
+        train_metrics = evaluate(model, data, "train", batch_size, spec.train.eval_train_limit)
     record = {
-        "metrics": _metrics(train_logits, data.train_y, test_logits, data.test_y),
+        "metrics": _metrics(train_metrics, accuracy_and_loss(test_logits, test_labels)),
         "steps": result.steps,
         "train_seconds": result.seconds,
     }
-    arrays = {"test_logits": test_logits.numpy()}
-    if spec.is_teacher:
-        arrays["train_logits"] = train_logits.numpy()  # the students' KD targets
-    else:
+    if not spec.is_teacher:
         teacher_test = teachers.test_logits(spec.teacher_id)
-        record["similarity"] = functional_similarity(teacher_test, test_logits, data.test_y.cpu())
+        record["similarity"] = functional_similarity(teacher_test, test_logits, test_labels)
     record.update(_provenance(device, time.perf_counter() - start))
-    weights = _weights(model) if save_weights else None
+    # Without cached outputs, KD students need the teacher itself (a forward pass per batch).
+    keep = save_weights or (spec.is_teacher and not _cached(spec, data))
+    weights = _weights(model) if keep else None
     store.write(spec, record, arrays, weights)
     return record
+
+
+def _teacher_targets(spec: RunSpec, data, teachers: TeacherOutputs):
+    """Cached per-example teacher logits, unless the student sees augmented batches or
+    random windows (sequences): then the teacher runs on each batch."""
+    if _cached(spec, data):
+        return cached_targets(teachers.train_logits(spec.teacher_id))
+    return model_targets(teachers.model(spec.teacher_id, data))
+
+
+def _cached(spec: RunSpec, data) -> bool:
+    # A run's train.augment is the students' setting too in one grid: the teacher stores
+    # its weights whenever its own grid's students cannot use cached outputs.
+    return data.cacheable and spec.train.augment == "none"
 
 
 def _needs_teacher(spec: RunSpec) -> bool:
@@ -79,21 +117,25 @@ def _needs_teacher(spec: RunSpec) -> bool:
     return CONDITIONS.get(spec.condition).info["needs_teacher"]
 
 
-def _metrics(train_logits, train_y, test_logits, test_y) -> dict[str, float]:
-    train_acc, train_loss = accuracy_and_loss(train_logits, train_y.cpu())
-    test_acc, test_loss = accuracy_and_loss(test_logits, test_y.cpu())
-    return {"train_accuracy": train_acc, "train_loss": train_loss,
-            "test_accuracy": test_acc, "test_loss": test_loss}  # fmt: skip
+def _metrics(train: tuple[float, float], test: tuple[float, float]) -> dict[str, float]:
+    """(accuracy, loss) of each split as the record's metrics."""
+    return {"train_accuracy": train[0], "train_loss": train[1],
+            "test_accuracy": test[0], "test_loss": test[1]}  # fmt: skip
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Cloned: tied parameters (GPT's embedding and head) share memory, which safetensors
+    # refuses; stored twice, they load back into the one tied parameter.
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _provenance(device: torch.device, seconds: float) -> dict:
     return {
         "seconds": seconds,
         "device": str(device),
+        "host": platform.node(),
+        # CPU results are bitwise reproducible for a fixed intra-op thread count only.
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

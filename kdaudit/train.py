@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kdaudit.conditions import Objective
+from kdaudit.conditions import Batch, Objective
 from kdaudit.config import TrainConfig
-from kdaudit.data import TensorData
 
 # (step, batch indices (B,), loss as a 0-d tensor: calling .item() on it is the caller's choice)
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -56,14 +56,14 @@ def total_steps(n: int, cfg: TrainConfig) -> int:
 
 def train(
     model: nn.Module,
-    data: TensorData,
+    data,  # TensorData or TokenData: n_train, device, train_batch
     objective: Objective,
     cfg: TrainConfig,
     data_seed: int,
     on_step: StepHook | None = None,
 ) -> TrainResult:
     start = time.perf_counter()
-    device = data.train_x.device
+    device = data.device
     torch.manual_seed(data_seed)  # global RNG (dropout masks): same draws for every condition
     optimizer = make_optimizer(model, cfg)
     schedule = make_schedule(optimizer, cfg, total_steps(data.n_train, cfg))
@@ -72,7 +72,9 @@ def train(
     step = -1
     for step, idx in enumerate(batch_order(data.n_train, cfg, data_seed)):
         idx = idx.to(device, non_blocking=True)
-        loss = objective(model(data.train_x[idx]), data.train_y[idx], idx)
+        x, y = data.train_batch(idx, cfg.augment)
+        batch = Batch(idx, x, y.reshape(-1))  # (B,) or, for sequences, (B * T,)
+        loss = objective(model(x).flatten(0, -2), batch)  # logits (B, K) or (B * T, V)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -109,8 +111,35 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """fp32 logits (N, K) on the CPU, in eval mode."""
+def predict(model: nn.Module, data, split: str, batch_size: int) -> torch.Tensor:
+    """fp32 logits (N, K) on the CPU, in eval mode: one row per example (per scored
+    position, for sequences) of the split, in the order of `data.labels(split)`."""
     model.eval()
-    out = [model(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out)
+    return torch.cat(
+        [_rows(model(x), keep).float().cpu() for x, keep in data.eval_batches(split, batch_size)]
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, data, split: str, batch_size: int, limit: int | None = None
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy over a split (its first `limit` examples), streamed."""
+    model.eval()
+    labels = data.labels(split)
+    correct = nll = 0.0
+    start = 0
+    for x, keep in data.eval_batches(split, batch_size):
+        if limit is not None and start >= limit:
+            break
+        z = _rows(model(x), keep).double()
+        y = labels[start : start + len(z)]
+        correct += (z.argmax(dim=1) == y).sum().item()
+        nll += F.cross_entropy(z, y, reduction="sum").item()
+        start += len(z)
+    return correct / start, nll / start
+
+
+def _rows(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(B, K) as is; (B, T, V) -> the kept positions (n, V)."""
+    return logits if keep is None else logits[keep]

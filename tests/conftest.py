@@ -40,10 +40,13 @@ def tiny_config(tmp_path) -> Path:
 
 
 def write_config(tmp_path: Path, **sections) -> Path:
-    """TINY with some sections replaced (shallow merge per section)."""
+    """TINY with some sections changed: merged key by key, or replaced as a whole when the
+    new section names another registered entry (`name`), whose keys differ."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
     for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+        if isinstance(value, dict) and "name" not in value:
+            value = {**raw.get(key, {}), **value}
+        raw[key] = value
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

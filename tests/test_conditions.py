@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdaudit.conditions import CONDITIONS, build_objective, distillation_loss
+from kdaudit.conditions import (
+    CONDITIONS,
+    Batch,
+    build_objective,
+    cached_targets,
+    distillation_loss,
+    model_targets,
+)
 
 
 def _log_softmax(z):
@@ -23,6 +30,11 @@ def _by_hand(zs, y, p_target, alpha, T):
     return (1 - alpha) * ce + alpha * T**2 * kl
 
 
+def _batch(y, idx=None):
+    y = torch.tensor(y)
+    return Batch(torch.arange(len(y)) if idx is None else idx, torch.empty(0), y)
+
+
 @pytest.fixture
 def batch():
     rng = np.random.default_rng(0)
@@ -36,8 +48,8 @@ def batch():
 def test_kd_loss_matches_the_formula(batch, alpha, T):
     zs, zt, y = batch
     teacher = torch.tensor(zt, dtype=torch.float64)
-    obj = build_objective("kd", alpha, T, 5, teacher)
-    got = obj(torch.tensor(zs), torch.tensor(y), torch.arange(8))
+    obj = build_objective("kd", alpha, T, 5, cached_targets(teacher))
+    got = obj(torch.tensor(zs), _batch(y))
     p_t = np.exp(_log_softmax(zt / T))
     assert got.item() == pytest.approx(_by_hand(zs, y, p_t, alpha, T), rel=1e-12)
 
@@ -45,8 +57,8 @@ def test_kd_loss_matches_the_formula(batch, alpha, T):
 def test_kd_looks_up_the_teacher_outputs_of_the_batch_indices(batch):
     zs, zt, y = batch
     teacher = torch.tensor(np.concatenate([np.zeros((3, 5)), zt]))  # batch rows start at 3
-    obj = build_objective("kd", 0.7, 2.0, 5, teacher)
-    got = obj(torch.tensor(zs), torch.tensor(y), torch.arange(3, 11))
+    obj = build_objective("kd", 0.7, 2.0, 5, cached_targets(teacher))
+    got = obj(torch.tensor(zs), _batch(y, torch.arange(3, 11)))
     assert got.item() == pytest.approx(
         _by_hand(zs, y, np.exp(_log_softmax(zt / 2)), 0.7, 2), rel=1e-12
     )
@@ -55,14 +67,14 @@ def test_kd_looks_up_the_teacher_outputs_of_the_batch_indices(batch):
 @pytest.mark.parametrize("T", [1.0, 4.0])
 def test_rcd_targets_the_uniform_distribution(batch, T):
     zs, _, y = batch
-    got = build_objective("rcd", 0.5, T, 5)(torch.tensor(zs), torch.tensor(y), torch.arange(8))
+    got = build_objective("rcd", 0.5, T, 5)(torch.tensor(zs), _batch(y))
     assert got.item() == pytest.approx(_by_hand(zs, y, np.full((8, 5), 0.2), 0.5, T), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["teacher", "siddo"])
 def test_plain_cross_entropy_conditions(batch, name):
     zs, _, y = batch
-    got = build_objective(name, None, None, 5)(torch.tensor(zs), torch.tensor(y), torch.arange(8))
+    got = build_objective(name, None, None, 5)(torch.tensor(zs), _batch(y))
     assert got.item() == pytest.approx(-_log_softmax(zs)[np.arange(8), y].mean(), rel=1e-12)
 
 
@@ -70,8 +82,8 @@ def test_label_smoothing_equals_rcd_at_t1_up_to_a_constant(batch):
     """LS(eps) = (1-eps) CE + eps CE(uniform) = RCD(alpha=eps, T=1) + eps * log K."""
     zs, _, y = batch
     z = torch.tensor(zs, requires_grad=True)
-    ls = build_objective("ls", 0.3, None, 5)(z, torch.tensor(y), torch.arange(8))
-    rcd = build_objective("rcd", 0.3, 1.0, 5)(z, torch.tensor(y), torch.arange(8))
+    ls = build_objective("ls", 0.3, None, 5)(z, _batch(y))
+    rcd = build_objective("rcd", 0.3, 1.0, 5)(z, _batch(y))
     assert (ls - rcd).item() == pytest.approx(0.3 * math.log(5), rel=1e-12)
     (g_ls,) = torch.autograd.grad(ls, z)
     (g_rcd,) = torch.autograd.grad(rcd, z)
@@ -101,3 +113,14 @@ def test_every_condition_is_registered_with_its_grid_axes():
         assert set(info) == {"params", "needs_teacher", "control"}
     with pytest.raises(KeyError, match="unknown condition 'nope'; registered: "):
         CONDITIONS.get("nope")
+
+
+def test_model_targets_run_the_teacher_on_the_augmented_batch():
+    """With augmentation the KD target is the teacher's output on exactly the batch the
+    student sees, computed without gradients and in eval mode."""
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+    teacher.train()
+    x = torch.randn(6, 4)
+    targets = model_targets(teacher)(Batch(torch.arange(6), x, torch.zeros(6, dtype=torch.long)))
+    assert not teacher.training and not targets.requires_grad
+    torch.testing.assert_close(targets, teacher[0](x))

@@ -3,42 +3,79 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from kdaudit.data.augment import AUGMENTATIONS
 from kdaudit.registry import Registry
 
 
 @dataclass(frozen=True)
 class TensorData:
-    """A train/test split held as tensors: inputs (N, ...) float32, labels (N,) int64."""
+    """A train/test split held as tensors: inputs (N, ...), labels (N,) int64.
+
+    Inputs are float32, or uint8 images (N, C, H, W) kept compact on the device and turned
+    into model inputs per batch by `inputs`: augmentation (uint8), scaling to [0, 1], and
+    per-channel normalisation with `mean` / `std` (tensors (C, 1, 1)).
+    """
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    def inputs(self, x: torch.Tensor, augment: str = "none") -> torch.Tensor:
+        """Model inputs for raw rows `x` of train_x or test_x (augment: training only)."""
+        if augment != "none":
+            if x.dim() != 4:
+                raise ValueError(f"augmentation {augment!r} needs images (B, C, H, W)")
+            x = AUGMENTATIONS[augment](x)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+    cacheable = True  # one output per example: teacher outputs can be cached per index
 
     @property
     def n_train(self) -> int:
         return len(self.train_y)
 
     @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def train_batch(self, idx: torch.Tensor, augment: str = "none"):
+        """Model inputs (B, ...) and labels (B,) of the training examples idx."""
+        return self.inputs(self.train_x[idx], augment), self.train_y[idx]
+
+    def eval_batches(self, split: str, batch_size: int):
+        """(inputs, None) in order over a split; None: every output row is an example."""
+        x = self.train_x if split == "train" else self.test_x
+        for i in range(0, len(x), batch_size):
+            yield self.inputs(x[i : i + batch_size]), None
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.train_y if split == "train" else self.test_y
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: torch.device | str) -> TensorData:
-        move = lambda t: t.to(device)  # noqa: E731
-        return TensorData(
-            move(self.train_x),
-            move(self.train_y),
-            move(self.test_x),
-            move(self.test_y),
-            self.num_classes,
-        )
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
 
 
 DATASETS: Registry[TensorData] = Registry("dataset")
@@ -55,4 +92,4 @@ def load_data(cfg, data_dir: Path | None = None) -> TensorData:
     return DATASETS.build(cfg, Path(data_dir) if data_dir else default_data_dir())
 
 
-from kdaudit.data import mnist1d  # noqa: E402,F401  (registers)
+from kdaudit.data import audio, mnist1d, text, vision  # noqa: E402,F401  (registers)

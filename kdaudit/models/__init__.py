@@ -18,4 +18,4 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int, init_seed: 
         return MODELS.build(cfg, input_shape, num_classes)
 
 
-from kdaudit.models import cnn1d, mlp  # noqa: E402,F401  (registers)
+from kdaudit.models import audio, cnn1d, gpt, mlp, vision  # noqa: E402,F401  (registers)
