@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdaudit.config import ExperimentConfig, load_config
-from kdaudit.executors import GridOutcome, grid_status, run_local
+from kdaudit.executors import ExecutorConfig, GridOutcome, grid_status, run_grid
 from kdaudit.progress import Reporter
 from kdaudit.protocol import expand, smoke
 from kdaudit.report import verdict_lines, write_report
@@ -44,13 +44,15 @@ def run(
     smoke_test: bool = False,
     retry_failed: bool = False,
     reporter: Reporter | None = None,
+    executor: ExecutorConfig | str = "local",
 ) -> tuple[GridOutcome, AuditResult | None]:
-    """Run (or resume) the audit a config describes, then write its report."""
+    """Run (or resume) the audit a config describes, then write its report.
+    `executor`: "local", "ray", or an ExecutorConfig (workers, threads, address, retries)."""
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if smoke_test:
         cfg = smoke(cfg)
     out = Path(out) if out else Path("runs") / cfg.name
-    outcome = run_local(cfg, out, device, data_dir, retry_failed, reporter)
+    outcome = run_grid(cfg, out, executor, device, data_dir, retry_failed, reporter)
     has_students = any(RunStore(out).is_complete(s.run_id) for s in expand(cfg).students)
     return outcome, (report(out) if has_students else None)
 
@@ -82,3 +84,10 @@ def _meta(out: Path, cfg: ExperimentConfig) -> dict:
             f"{f['run_id']}: {f['error']}" for f in status["failed_runs"]
         )
     return meta
+
+
+def compare(manifest: str | Path, out: str | Path | None = None, **options):
+    """Audit saved test logits listed in a manifest CSV; see kdaudit.compare.compare."""
+    from kdaudit.compare import compare as compare_logits
+
+    return compare_logits(manifest, out, **options)

@@ -37,6 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true",
                      help="a tiny grid and training (about a minute) to check the config works")  # fmt: skip
     run.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    run.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="local (this machine) or ray (a Ray cluster; default: local)")  # fmt: skip
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="runs at once: local worker processes (default 1, in this process); "
+                          "ray: CPUs of the local cluster in runs (default: all cores)")  # fmt: skip
+    run.add_argument("--threads", type=int, default=1, metavar="N",
+                     help="torch CPU threads per run (default 1; CPU results are bitwise "
+                          "reproducible for a fixed value)")  # fmt: skip
+    run.add_argument("--address", metavar="ADDR",
+                     help="ray: address of an existing cluster (default: start a local one)")  # fmt: skip
+    run.add_argument("--max-retries", type=int, default=3, metavar="N",
+                     help="reruns of a run whose worker process died (default 3); "
+                          "runs that raise are recorded as failed, not rerun")  # fmt: skip
     run.set_defaults(func=_run)
 
     report = sub.add_parser("report", help="analyse a run directory and write DIR/report/")
@@ -47,18 +60,28 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("dir", type=Path)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
+
+    compare = sub.add_parser("compare", help="audit saved test logits listed in a manifest CSV")
+    compare.add_argument("manifest", type=Path)
+    compare.add_argument("--out", type=Path, help="output folder (default: runs/<manifest name>)")
+    compare.set_defaults(func=_compare)
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
     from kdaudit import api
+    from kdaudit.executors import ExecutorConfig
     from kdaudit.progress import RichReporter
 
+    executor = ExecutorConfig(args.executor, workers=args.workers, threads=args.threads,
+                              address=args.address, max_retries=args.max_retries)  # fmt: skip
     outcome, result = api.run(
         args.config, args.out, overrides=args.overrides, device=args.device,
         data_dir=args.data_dir, smoke_test=args.smoke, retry_failed=args.retry_failed,
-        reporter=RichReporter(),
+        reporter=RichReporter(), executor=executor,
     )  # fmt: skip
+    for path in outcome.quarantined:
+        print(f"damaged run directory moved aside and redone: {path}")
     print(f"{outcome.completed} runs completed now, {outcome.skipped} were already complete, "
           f"{len(outcome.failed)} failed, {outcome.blocked} blocked by a failed teacher "
           f"(of {outcome.total})")  # fmt: skip
@@ -76,12 +99,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from kdaudit.compare import CompareError, compare  # not via kdaudit.api: see CompareResult
+
+    try:
+        result = compare(args.manifest, args.out, log=lambda line: print(line, file=sys.stderr))
+    except CompareError as err:
+        print(f"kdaudit: error: {err}", file=sys.stderr)
+        return 2
+    _print_result(result)
+    return 0
+
+
 def _print_result(result) -> None:
     from kdaudit.results import accuracy_by_condition
 
     for t in result.teachers.itertuples():
-        print(f"teacher seed {t.teacher_seed}: test accuracy {t.test_accuracy:.4f}, "
-              f"train accuracy {t.train_accuracy:.4f}")  # fmt: skip
+        known = t.train_accuracy == t.train_accuracy  # NaN when only test logits were given
+        train = f", train accuracy {t.train_accuracy:.4f}" if known else ""
+        print(f"teacher seed {t.teacher_seed}: test accuracy {t.test_accuracy:.4f}{train}")
     for r in accuracy_by_condition(result.runs).itertuples():
         print(f"  {_setting(r)}: test accuracy {r.mean:.4f} ± {r.sem:.4f} (n={r.n})")
     print()
@@ -116,6 +152,12 @@ def _status(args: argparse.Namespace) -> int:
         )
     for f in status["failed_runs"]:
         print(f"  failed {f['run_id']} at step {f['step']}: {f['error']}")
+    for c in status["corrupt_runs"]:
+        print(f"  damaged {c['run_id']}: {c['problem']} (the next `kdaudit run` redoes it)")
+    if status["in_progress"]:
+        p = status["in_progress"]
+        print(f"  in progress: `kdaudit run` pid {p.get('pid', '?')} on {p.get('host', '?')} "
+              f"since {p.get('started_at', '?')}, {len(p['runs_in_flight'])} runs in flight")  # fmt: skip
     return 0
 
 

@@ -2,15 +2,21 @@
 
 Everything is computed from logits converted chunk by chunk to float64 and accumulated in
 float64 (sums) or int64 (counts), so that test sets with many examples (or language-model
-token positions) never have to fit in memory at once. Memory is O(chunk_size * K + K^2):
-the K x K Procrustes cross-moment (float64) and top-1 contingency table (int64) make very
-large vocabularies costly (K = 50,000 would need about 40 GB for the two).
+token positions) never have to fit in memory at once. Logits may also be a `RowSource`,
+read lazily a chunk at a time (kdaudit.compare streams files through it), and
+`functional_similarity_many` compares several models with one teacher in a single pass.
+
+Memory is O(chunk_size * K) for the chunk temporaries, O(K) for the top-1 marginals, and
+O(P) for the variation of information, P <= min(N, K^2) being the number of distinct
+(teacher top-1, model top-1) pairs that occur. The one K x K cost is the Procrustes
+cross-moment, kept only for K <= `procrustes_max_classes` (see `functional_similarity`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -39,69 +45,149 @@ FUNCTIONAL_METRICS = (
 # Rows per chunk. On a 2-core CPU with K = 65 (benchmarks/metrics_bench.py), 1024 to 4096
 # rows were equally fast and larger chunks were no faster but needed more memory. Each
 # chunk is also capped at _MAX_CHUNK_ELEMENTS so that a large vocabulary keeps each of the
-# dozen (B, K) float64 temporaries at about 32 MiB.
+# dozen (B, K) float64 temporaries at about 8 MiB (B = 32 rows at K = 32,000): at 32 MiB
+# they added ~700 MB to the peak of benchmarks/compare_bench.py, and a row of 32,000 is
+# already long enough for every operation to run at full speed.
 DEFAULT_CHUNK_SIZE = 4096
-_MAX_CHUNK_ELEMENTS = 1 << 22
+_MAX_CHUNK_ELEMENTS = 1 << 20
 
 # A centred softmax matrix whose squared Frobenius norm is below this per row is treated as
 # constant: float64 rounding of identical rows leaves ~1e-32 per row, while any model whose
 # fp32 logits actually vary across examples leaves many orders of magnitude more.
 _CONSTANT_SS_PER_ROW = 1e-24
 
+# The largest K for which the Procrustes distance is computed by default: its K x K float64
+# cross-moment is 32 MiB and its SVD takes about 1.5 s on a 2-core CPU at K = 2048, while at
+# K = 4096 the SVD already took 78 s on the same machine (and K = 32,000 would need 8.2 GB).
+PROCRUSTES_MAX_CLASSES = 2048
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """Logits read lazily, a block of rows at a time (e.g. from a file on disk).
+
+    `shape` is the full (..., K) shape; `read(start, stop)` returns rows [start, stop) of the
+    (prod(shape[:-1]), K) row-major flattening as a tensor or ndarray (a copy it owns).
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def read(self, start: int, stop: int) -> torch.Tensor | np.ndarray: ...
+
+
 Array = torch.Tensor | np.ndarray
+Logits = torch.Tensor | np.ndarray | RowSource
 
 
 def functional_similarity(
-    teacher_logits: Array,
-    model_logits: Array,
+    teacher_logits: Logits,
+    model_logits: Logits,
     labels: Array,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    procrustes_max_classes: int | None = PROCRUSTES_MAX_CLASSES,
 ) -> dict[str, float | int]:
     """Compare a model's outputs with the teacher's on the same examples.
 
     Logits are (N, K) or (..., K) with labels (N,) or (...); leading dimensions are flattened
     so that every position (e.g. every next-token position) is one example. Inputs may be
-    torch tensors (computed on the teacher's device) or numpy arrays, including np.memmap,
-    which are read `chunk_size` rows at a time. Returns python floats, and ints for the two
-    subset sizes; an agreement over an empty subset and the Procrustes distance of a constant
-    output matrix are nan.
+    torch tensors (computed on the teacher's device), numpy arrays, including np.memmap,
+    or `RowSource`s, all read `chunk_size` rows at a time. Returns python floats, and ints
+    for the two subset sizes; an agreement over an empty subset and the Procrustes distance
+    of a constant output matrix are nan. Raises ValueError for bad inputs, NonFiniteLogits
+    for a nan or inf in the logits.
+
+    The Procrustes distance is nan when K > `procrustes_max_classes` (None: no limit). It is
+    2 - 2 ||A_c^T B_c||_* for the centred, unit-norm (N, K) softmax matrices, and the nuclear
+    norm needs all singular values of that K x K matrix (or, equally, of an N x N Gram
+    product): exact memory is min(N, K)^2 floats and its SVD costs O(min(N, K)^3), which for
+    a language model's vocabulary (K = 32,000: 8.2 GB, hours of CPU) and token count is out
+    of budget. We know of no exact method in less memory (sketches only approximate the
+    nuclear norm), so none is attempted. Every other metric is exact for any K.
     """
-    teacher, model, flat_labels, lead_shape = _validated(teacher_logits, model_logits, labels)
+    return functional_similarity_many(
+        teacher_logits,
+        [model_logits],
+        labels,
+        chunk_size=chunk_size,
+        procrustes_max_classes=procrustes_max_classes,
+    )[0]
+
+
+def functional_similarity_many(
+    teacher_logits: Logits,
+    models: Sequence[Logits],
+    labels: Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    procrustes_max_classes: int | None = PROCRUSTES_MAX_CLASSES,
+) -> list[dict[str, float | int]]:
+    """`functional_similarity` of each model against one teacher, in a single pass.
+
+    Each teacher chunk is read, normalised and sorted once for all the models (sorting
+    dominates at a large K), and the results equal separate calls exactly. Memory adds, per
+    model, its running sums: small, except the K x K Procrustes cross-moment (8 K^2 bytes)
+    when K <= procrustes_max_classes.
+    """
+    if len(models) == 0:
+        raise ValueError("models is empty; pass at least one model's logits")
+    checked = [_validated(teacher_logits, m, labels) for m in models]
+    teacher, _, flat_labels, lead_shape = checked[0]
+    flat_models = [c[1] for c in checked]
     n, k = teacher.shape
-    device = _compute_device(teacher, model)
+    device = _compute_device(teacher, *flat_models)
     rows = _chunk_rows(chunk_size, k)
-    acc = _Accumulators(k, device)
+    with_procrustes = procrustes_max_classes is None or k <= procrustes_max_classes
+    teacher_check = _FirstBadRow(device)
+    accs = [_Accumulators(k, device, with_procrustes) for _ in flat_models]
     with torch.no_grad():
-        for offset, (t, c, y) in _chunks(teacher, model, flat_labels, rows, device):
-            acc.update(t, c, y, offset)
+        for start in range(0, n, rows):
+            t = _to_device(teacher[start : start + rows], device)  # (B, K) input dtype
+            y = _to_device(flat_labels[start : start + rows], device).long()  # (B,)
+            teacher_check.update(t, start)
+            shared = _TeacherChunk(t)
+            for model, acc in zip(flat_models, accs, strict=True):
+                acc.update(shared, _to_device(model[start : start + rows], device), y, start)
         # Checked before finalising: an SVD of non-finite sums fails with a less useful error.
-        _raise_if_non_finite(_to_host(acc.finite.totals()), lead_shape)
-        totals = _to_host(acc.totals())
-    return _metrics_from_totals(totals, n, k)
+        _raise_if_non_finite(teacher_check, _NON_FINITE + "teacher_logits", None, lead_shape)
+        for i, acc in enumerate(accs):
+            name = "model_logits" if len(accs) == 1 else f"model_logits[{i}]"
+            _raise_if_non_finite(acc.finite, _NON_FINITE + name, i, lead_shape)
+        return [_metrics_from_totals(_to_host(acc.totals()), n, k) for acc in accs]
+
+
+_NON_FINITE = "non-finite values (nan or inf) in "
+
+
+class NonFiniteLogits(ValueError):
+    """A nan or inf in the logits; `model` is None for the teacher, else the model's index."""
+
+    def __init__(self, message: str, model: int | None, row: int):
+        super().__init__(message)
+        self.model, self.row = model, row
 
 
 def accuracy_and_loss(
-    logits: Array, labels: Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    logits: Logits, labels: Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[float, float]:
     """One model's top-1 accuracy and mean cross-entropy (nats), streamed like the above."""
     logits, _, flat_labels, lead_shape = _validated(logits, logits, labels)
     n, k = logits.shape
-    device = _compute_device(logits, logits)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
+    device = _compute_device(logits)
+    rows = _chunk_rows(chunk_size, k)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     nll = torch.zeros((), dtype=torch.float64, device=device)
+    check = _FirstBadRow(device)
     with torch.no_grad():
-        for start in range(0, n, _chunk_rows(chunk_size, k)):
-            part = slice(start, start + _chunk_rows(chunk_size, k))
-            z = _to_device(logits[part], device).double()  # (B, K)
-            y = _to_device(flat_labels[part], device).long()  # (B,)
-            if not torch.isfinite(z).all():
-                raise ValueError(
-                    f"logits contain NaN or inf (in rows {start}..{start + len(y) - 1})"
-                )
+        for start in range(0, n, rows):
+            z = _to_device(logits[start : start + rows], device).double()  # (B, K)
+            y = _to_device(flat_labels[start : start + rows], device).long()  # (B,)
+            check.update(z, start)
             correct += (z.argmax(dim=1) == y).sum()  # ties: the first maximum, as the sort
             nll += torch.nn.functional.cross_entropy(z, y, reduction="sum")
-    return float(correct) / n, float(nll) / n
+        _raise_if_non_finite(check, "logits contain NaN or inf", None, lead_shape)
+    return int(correct) / n, float(nll) / n
 
 
 # ---------------------------------------------------------------- validation and chunking
@@ -109,12 +195,13 @@ def accuracy_and_loss(
 
 def _validated(teacher, model, labels) -> tuple[Array, Array, Array, tuple[int, ...]]:
     """Check the inputs and return (N, K) logits views, (N,) labels and the leading shape."""
-    teacher, model, labels = (_as_array(x) for x in (teacher, model, labels))
+    teacher, model = _as_logits(teacher), _as_logits(model)
+    labels = _as_array(labels)
     _check_logit_shapes(tuple(teacher.shape), tuple(model.shape))
     k = int(teacher.shape[-1])
     lead_shape = tuple(int(d) for d in teacher.shape[:-1])
     _check_labels(labels, lead_shape, k)
-    return teacher.reshape(-1, k), model.reshape(-1, k), labels.reshape(-1), lead_shape
+    return _flat(teacher, k), _flat(model, k), labels.reshape(-1), lead_shape
 
 
 def _as_array(x) -> Array:
@@ -122,6 +209,31 @@ def _as_array(x) -> Array:
         return x.detach()
     # np.memmap is an ndarray subclass and passes through untouched (no read).
     return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _as_logits(x) -> Array | RowSource:
+    if not isinstance(x, (torch.Tensor, np.ndarray)) and isinstance(x, RowSource):
+        return x
+    return _as_array(x)
+
+
+def _flat(x: Array | RowSource, k: int) -> Array | _SourceRows:
+    """An (N, K) view that slices rows, without reading anything yet."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return x.reshape(-1, k)
+    return _SourceRows(x, k)
+
+
+class _SourceRows:
+    """Row slicing (`rows[a:b]`) of a RowSource's flattened (N, K) view."""
+
+    def __init__(self, source: RowSource, k: int):
+        self.source = source
+        self.shape = (math.prod(source.shape[:-1]), k)
+
+    def __getitem__(self, part: slice) -> torch.Tensor | np.ndarray:
+        start, stop, _ = part.indices(self.shape[0])
+        return self.source.read(start, stop)
 
 
 def _check_logit_shapes(t_shape: tuple[int, ...], c_shape: tuple[int, ...]) -> None:
@@ -166,9 +278,9 @@ def _is_integer(x: Array) -> bool:
     return x.dtype.kind in "iu"
 
 
-def _compute_device(teacher: Array, model: Array) -> torch.device:
-    """The teacher's accelerator if it has one, else the model's, else the CPU."""
-    for x in (teacher, model):
+def _compute_device(teacher, *models) -> torch.device:
+    """The teacher's accelerator if it has one, else the first model's that has, else CPU."""
+    for x in (teacher, *models):
         if isinstance(x, torch.Tensor) and x.device.type != "cpu":
             return x.device
     return torch.device("cpu")
@@ -178,22 +290,6 @@ def _chunk_rows(chunk_size: int, k: int) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}; pass a positive number of rows")
     return max(1, min(chunk_size, _MAX_CHUNK_ELEMENTS // k))
-
-
-def _chunks(
-    teacher: Array, model: Array, labels: Array, rows: int, device: torch.device
-) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Yield (first row index, (teacher, model, labels) chunk on `device`) in input dtypes."""
-    for start in range(0, labels.shape[0], rows):
-        part = slice(start, start + rows)
-        yield (
-            start,
-            (
-                _to_device(teacher[part], device),
-                _to_device(model[part], device),
-                _to_device(labels[part], device).long(),
-            ),
-        )
 
 
 def _to_device(x: Array, device: torch.device) -> torch.Tensor:
@@ -206,25 +302,36 @@ def _to_device(x: Array, device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------- accumulators
 
 
-class _Accumulators:
-    """All running sums and counts; `totals()` returns 0-d tensors still on the device."""
+class _TeacherChunk:
+    """The teacher's side of one chunk, computed once and shared by every compared model."""
 
-    def __init__(self, k: int, device: torch.device):
+    def __init__(self, t: torch.Tensor):
+        """t: (B, K) teacher logits in their input dtype."""
+        self.log_p = torch.log_softmax(t.double(), dim=1)  # (B, K) float64
+        self.p = self.log_p.exp()
+        # Sorting the input dtype gives the same order as float64 (the cast is exact).
+        self.order = _ranking(t)
+
+
+class _Accumulators:
+    """All running sums and counts of one model; `totals()` gives 0-d tensors on the device."""
+
+    def __init__(self, k: int, device: torch.device, with_procrustes: bool = True):
         self.distributions = _DistributionSums(device)
         self.labelings = _LabelingCounts(k, device)
-        self.procrustes = _ProcrustesMoments(k, device)
-        self.finite = _FiniteCheck(device)
+        self.procrustes = (
+            _ProcrustesMoments(k, device) if with_procrustes else _NoProcrustes(device)
+        )
+        self.finite = _FirstBadRow(device)
 
-    def update(self, t: torch.Tensor, c: torch.Tensor, y: torch.Tensor, offset: int) -> None:
-        """t, c: (B, K) logits in their input dtype; y: (B,) int64 labels."""
-        self.finite.update(t, c, offset)
-        log_p_t = torch.log_softmax(t.double(), dim=1)  # (B, K) float64
-        log_p_c = torch.log_softmax(c.double(), dim=1)
-        p_t, p_c = log_p_t.exp(), log_p_c.exp()
-        self.distributions.update(log_p_t, log_p_c, p_t, p_c, y)
-        self.procrustes.update(p_t, p_c)
-        # Sorting the input dtype gives the same order as float64 (the cast is exact).
-        self.labelings.update(_ranking(t), _ranking(c), y)
+    def update(self, teacher: _TeacherChunk, c: torch.Tensor, y: torch.Tensor, offset: int) -> None:
+        """c: (B, K) model logits in their input dtype; y: (B,) int64 labels."""
+        self.finite.update(c, offset)
+        log_p_c = torch.log_softmax(c.double(), dim=1)  # (B, K) float64
+        p_c = log_p_c.exp()
+        self.distributions.update(teacher.log_p, log_p_c, teacher.p, p_c, y)
+        self.procrustes.update(teacher.p, p_c)
+        self.labelings.update(teacher.order, _ranking(c), y)
 
     def totals(self) -> dict[str, torch.Tensor]:
         return {
@@ -280,14 +387,13 @@ def _xlog(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 class _LabelingCounts:
-    """int64 counts over rankings and top-1 labels, plus the K x K top-1 contingency table."""
+    """int64 counts over rankings and top-1 labels, and the top-1 pairs for VI."""
 
     def __init__(self, k: int, device: torch.device):
         zero = torch.zeros((), dtype=torch.int64, device=device)
-        self.k = k
         self.rank_diff, self.agree, self.model_correct = zero.clone(), zero.clone(), zero.clone()
         self.teacher_correct, self.agree_teacher_correct = zero.clone(), zero.clone()
-        self.table = torch.zeros(k * k, dtype=torch.int64, device=device)  # (K*K,) t*K + c
+        self.pairs = _TopPairCounts(k, device)
 
     def update(self, order_t: torch.Tensor, order_c: torch.Tensor, y: torch.Tensor) -> None:
         """order_t, order_c: (B, K) classes by rank; y: (B,) labels."""
@@ -298,7 +404,7 @@ class _LabelingCounts:
         self.teacher_correct += teacher_right.sum()
         self.agree_teacher_correct += (agree & teacher_right).sum()
         self.model_correct += (top_c == y).sum()
-        self.table += torch.bincount(top_t * self.k + top_c, minlength=self.k * self.k)
+        self.pairs.update(top_t, top_c)
 
     def totals(self) -> dict[str, torch.Tensor]:
         return {
@@ -307,17 +413,65 @@ class _LabelingCounts:
             "teacher_correct": self.teacher_correct,
             "agree_teacher_correct": self.agree_teacher_correct,
             "model_correct": self.model_correct,
-            "vi": _variation_of_information(self.table.view(self.k, self.k)),
+            "vi": self.pairs.variation_of_information(),
         }
 
 
-def _variation_of_information(table: torch.Tensor) -> torch.Tensor:
-    """VI = 2 H(X,Y) - H(X) - H(Y) in nats from a (K, K) int64 contingency table."""
-    h_xy = _entropy_of_counts(table.flatten())
-    h_x, h_y = _entropy_of_counts(table.sum(dim=1)), _entropy_of_counts(table.sum(dim=0))
-    # VI >= 0 exactly; the three entropies are each rounded, so identical labelings can
-    # land a few ulps below zero.
-    return (2.0 * h_xy - h_x - h_y).clamp_min(0.0)
+class _TopPairCounts:
+    """Sparse contingency table of (teacher top-1, model top-1): exact VI for any K.
+
+    Only the pairs that occur are stored, as codes t * K + c with their counts, so memory
+    is O(distinct pairs) <= O(min(N, K^2)) rather than a dense K x K table (8 GB of int64 at
+    K = 32,000). Chunk codes wait in `pending` (at least _PAIR_MERGE_MIN, and at least as
+    many as there are distinct pairs) before a merge, so merging costs O(N log N) overall.
+    """
+
+    def __init__(self, k: int, device: torch.device):
+        self.k = k
+        self.codes = torch.zeros(0, dtype=torch.int64, device=device)  # (P,) sorted, unique
+        self.counts = torch.zeros(0, dtype=torch.int64, device=device)  # (P,)
+        # Preallocated: a new small tensor kept per chunk would pin the heap between the
+        # chunk's large temporaries, and glibc's resident memory then grew with N.
+        self.pending = torch.empty(_PAIR_MERGE_MIN, dtype=torch.int64, device=device)
+        self.n_pending = 0
+
+    def update(self, top_t: torch.Tensor, top_c: torch.Tensor) -> None:
+        """top_t, top_c: (B,) int64 top-1 classes."""
+        codes = top_t * self.k + top_c
+        if self.n_pending + codes.numel() > self.pending.numel():
+            self._merge(codes)
+        else:
+            self.pending[self.n_pending : self.n_pending + codes.numel()] = codes
+            self.n_pending += codes.numel()
+
+    def _merge(self, extra: torch.Tensor | None = None) -> None:
+        new = self.pending[: self.n_pending]
+        if extra is not None:
+            new = torch.cat([new, extra])
+        codes = torch.cat([self.codes, new])
+        counts = torch.cat([self.counts, torch.ones_like(new)])
+        self.codes, inverse = torch.unique(codes, return_inverse=True)
+        self.counts = torch.zeros_like(self.codes).index_add_(0, inverse, counts)
+        self.n_pending = 0
+        if self.codes.numel() > self.pending.numel():  # keeps merging O(N log N) overall
+            self.pending = torch.empty_like(self.codes)
+
+    def variation_of_information(self) -> torch.Tensor:
+        """VI = 2 H(X,Y) - H(X) - H(Y) in nats, X the teacher's and Y the model's top-1."""
+        self._merge()
+        marginal_t = torch.zeros(self.k, dtype=torch.int64, device=self.codes.device)
+        marginal_c = torch.zeros_like(marginal_t)
+        marginal_t.index_add_(0, self.codes // self.k, self.counts)  # (K,)
+        marginal_c.index_add_(0, self.codes % self.k, self.counts)
+        h_xy = _entropy_of_counts(self.counts)
+        h_x, h_y = _entropy_of_counts(marginal_t), _entropy_of_counts(marginal_c)
+        # VI >= 0 exactly; the three entropies are each rounded, so identical labelings can
+        # land a few ulps below zero.
+        return (2.0 * h_xy - h_x - h_y).clamp_min(0.0)
+
+
+# Codes merged at once at least: merging every small chunk would re-sort the table each time.
+_PAIR_MERGE_MIN = 1 << 16
 
 
 def _entropy_of_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -373,19 +527,27 @@ class _ProcrustesMoments:
         return torch.where(constant, torch.full_like(d, math.nan), d)
 
 
-class _FiniteCheck:
-    """First flattened row index holding a nan or inf, per input (-1 if none)."""
+class _NoProcrustes:
+    """Stands in for _ProcrustesMoments when K is above the limit: the distance is nan."""
 
     def __init__(self, device: torch.device):
-        self.first_bad_t = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_bad_c = torch.full((), -1, dtype=torch.int64, device=device)
+        self.nan = torch.full((), math.nan, dtype=torch.float64, device=device)
 
-    def update(self, t: torch.Tensor, c: torch.Tensor, offset: int) -> None:
-        self.first_bad_t = _first_bad_row(t, offset, self.first_bad_t)
-        self.first_bad_c = _first_bad_row(c, offset, self.first_bad_c)
+    def update(self, p_t: torch.Tensor, p_c: torch.Tensor) -> None:
+        pass
 
     def totals(self) -> dict[str, torch.Tensor]:
-        return {"first_bad_teacher": self.first_bad_t, "first_bad_model": self.first_bad_c}
+        return {"procrustes": self.nan}
+
+
+class _FirstBadRow:
+    """First flattened row index holding a nan or inf (-1 if none), kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.row = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def update(self, x: torch.Tensor, offset: int) -> None:
+        self.row = _first_bad_row(x, offset, self.row)
 
 
 def _first_bad_row(x: torch.Tensor, offset: int, so_far: torch.Tensor) -> torch.Tensor:
@@ -404,16 +566,18 @@ def _to_host(totals: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(totals, values, strict=True))
 
 
-def _raise_if_non_finite(totals: dict[str, float], lead_shape: tuple[int, ...]) -> None:
-    for name, key in (("teacher_logits", "first_bad_teacher"), ("model_logits", "first_bad_model")):
-        row = int(totals[key])
-        if row >= 0:
-            where = tuple(int(i) for i in np.unravel_index(row, lead_shape))
-            raise ValueError(
-                f"non-finite values (nan or inf) in {name}: first bad row is {row} of the "
-                f"flattened logits (index {where} of the leading dimensions); remove or fix "
-                "those rows before comparing"
-            )
+def _raise_if_non_finite(
+    check: _FirstBadRow, what: str, model: int | None, lead_shape: tuple[int, ...]
+) -> None:
+    row = int(check.row)
+    if row >= 0:
+        where = tuple(int(i) for i in np.unravel_index(row, lead_shape))
+        raise NonFiniteLogits(
+            f"{what}: first bad row is {row} of the flattened logits (index {where} of the "
+            "leading dimensions); remove or fix those rows before comparing",
+            model,
+            row,
+        )
 
 
 def _metrics_from_totals(totals: dict[str, float], n: int, k: int) -> dict[str, float | int]:

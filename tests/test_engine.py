@@ -77,9 +77,7 @@ def test_a_nan_loss_is_recorded_as_failed_and_the_grid_goes_on(tiny_config, tmp_
 
     def poisoned(name, *args, **kwargs):
         objective = original(name, *args, **kwargs)
-        return (
-            (lambda z, y, idx: objective(z, y, idx) * float("nan")) if name == "kd" else objective
-        )
+        return (lambda z, batch: objective(z, batch) * float("nan")) if name == "kd" else objective
 
     monkeypatch.setattr("kdaudit.runner.build_objective", poisoned)
     cfg = load_config(tiny_config)
@@ -139,7 +137,7 @@ def test_a_crash_while_writing_leaves_no_half_written_run(tiny_config, tmp_path,
 def test_kill_9_loses_at_most_the_run_in_flight(tiny_config, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "kdaudit.cli", "run", str(tiny_config), "--out", str(out),
-           "--device", "cpu", "--set", "train.epochs=30"]  # fmt: skip
+           "--device", "cpu", "--set", "train.epochs=100"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
     deadline = time.time() + 120
@@ -154,7 +152,7 @@ def test_kill_9_loses_at_most_the_run_in_flight(tiny_config, tmp_path):
     for name in before:  # every run directory that exists is complete and readable
         assert json.loads((out / "runs" / name / "record.json").read_text())["status"] == "complete"
     assert main(["run", str(tiny_config), "--out", str(out), "--device", "cpu",
-                 "--set", "train.epochs=30"]) == 0  # fmt: skip
+                 "--set", "train.epochs=100"]) == 0  # fmt: skip
     assert len(_complete(out)) == 7 and not list((out / "runs").glob(".tmp-*"))
     for name, stamp in before.items():  # nothing complete was redone
         assert (out / "runs" / name / "record.json").stat().st_mtime_ns == stamp

@@ -14,7 +14,16 @@ from scipy.special import softmax
 from scipy.stats import entropy
 from sklearn.metrics import accuracy_score, log_loss, mutual_info_score
 
-from kdaudit.metrics import BETTER, FUNCTIONAL_METRICS, accuracy_and_loss, functional_similarity
+from kdaudit import metrics
+from kdaudit.metrics import (
+    BETTER,
+    FUNCTIONAL_METRICS,
+    NonFiniteLogits,
+    RowSource,
+    accuracy_and_loss,
+    functional_similarity,
+    functional_similarity_many,
+)
 
 KEYS = {
     "activation_distance",
@@ -341,6 +350,110 @@ def test_non_finite_error_gives_the_leading_index():
     bad = with_bad_value(teacher, 13, -np.inf).reshape(4, 6, 4)
     with pytest.raises(ValueError, match=r"row is 13 .*\(2, 1\)"):
         functional_similarity(bad, model.reshape(4, 6, 4), labels.reshape(4, 6))
+
+
+# ---------------------------------------------------------------- large K and several models
+
+
+def dense_vi(x, y, k):
+    """VI from a dense K x K contingency table (the reference for the sparse counts)."""
+    table = np.zeros((k, k))
+    np.add.at(table, (x, y), 1)
+    p = table / table.sum()
+    return 2 * _entropy(p) - _entropy(p.sum(axis=1)) - _entropy(p.sum(axis=0))
+
+
+def _entropy(p):
+    p = p[p > 0]
+    return -np.sum(p * np.log(p))
+
+
+def test_sparse_variation_of_information_equals_dense_table_and_sklearn(monkeypatch):
+    # Small merge buffer and chunks: codes are merged many times, also mid-chunk.
+    monkeypatch.setattr(metrics, "_PAIR_MERGE_MIN", 16)
+    teacher, model, labels = random_pair(n=3000, k=40, noise=2.5, seed=5)
+    got = functional_similarity(teacher, model, labels, chunk_size=23)["variation_of_information"]
+    x, y = teacher.argmax(axis=1), model.argmax(axis=1)
+    assert got == pytest.approx(dense_vi(x, y, 40), rel=1e-12)
+    sk = entropy(np.bincount(x)) + entropy(np.bincount(y)) - 2 * mutual_info_score(x, y)
+    assert got == pytest.approx(sk, rel=1e-10)
+    unmerged = functional_similarity(teacher, model, labels, chunk_size=10**6)
+    monkeypatch.undo()
+    assert got == pytest.approx(unmerged["variation_of_information"], rel=1e-12)
+
+
+def test_large_vocabulary_is_exact_without_k_by_k_tables():
+    # K = 40,000: a dense top-1 table and Procrustes moments would need 25.6 GB.
+    k, n = 40_000, 24
+    rng = np.random.default_rng(2)
+    teacher = rng.standard_normal((n, k), dtype=np.float32)
+    model = teacher + rng.standard_normal((n, k), dtype=np.float32)
+    labels = rng.integers(0, k, n)
+    result = functional_similarity(teacher, model, labels, chunk_size=5)
+    x, y = teacher.argmax(axis=1), model.argmax(axis=1)
+    sk = entropy(np.bincount(x)) + entropy(np.bincount(y)) - 2 * mutual_info_score(x, y)
+    assert result["variation_of_information"] == pytest.approx(sk, rel=1e-10, abs=1e-12)
+    order_t = np.argsort(-teacher, axis=1, kind="stable")
+    order_c = np.argsort(-model, axis=1, kind="stable")
+    assert result["rank_disagreement"] == pytest.approx(np.mean(order_t != order_c), rel=1e-15)
+    expected_js = np.mean(jensenshannon(probs(teacher), probs(model), axis=1) ** 2)
+    assert result["js_divergence"] == pytest.approx(expected_js, rel=1e-9)
+    assert math.isnan(result["procrustes_distance"])
+
+
+def test_procrustes_limit_only_changes_procrustes():
+    teacher, model, labels = random_pair(k=7)
+    full = functional_similarity(teacher, model, labels)
+    assert metrics.PROCRUSTES_MAX_CLASSES >= 7 and not math.isnan(full["procrustes_distance"])
+    limited = functional_similarity(teacher, model, labels, procrustes_max_classes=6)
+    assert math.isnan(limited["procrustes_distance"])
+    unlimited = functional_similarity(teacher, model, labels, procrustes_max_classes=None)
+    assert_same_results(unlimited, full)
+    del full["procrustes_distance"], limited["procrustes_distance"]
+    assert_same_results(limited, full)
+
+
+def test_many_models_in_one_pass_equal_separate_calls():
+    teacher, model, labels = random_pair(n=300)
+    others = [model, model * 0.5, np.flip(model, axis=1).copy()]
+    together = functional_similarity_many(teacher, others, labels, chunk_size=37)
+    for other, result in zip(others, together, strict=True):
+        assert result == functional_similarity(teacher, other, labels, chunk_size=37)
+    with pytest.raises(ValueError, match="pass at least one"):
+        functional_similarity_many(teacher, [], labels)
+
+
+def test_non_finite_error_names_the_model_of_a_pass():
+    teacher, model, labels = random_pair(n=24, k=4)
+    with pytest.raises(NonFiniteLogits, match=r"model_logits\[1\]: first bad row is 9") as info:
+        functional_similarity_many(teacher, [model, with_bad_value(model, 9, np.nan)], labels)
+    assert (info.value.model, info.value.row) == (1, 9)
+    with pytest.raises(NonFiniteLogits) as info:
+        functional_similarity_many(with_bad_value(teacher, 3, np.inf), [model], labels)
+    assert (info.value.model, info.value.row) == (None, 3)
+
+
+class Rows:
+    """A RowSource over an array that records the rows it was asked for."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def read(self, start, stop):
+        self.reads.append((start, stop))
+        return self.array.reshape(-1, self.shape[-1])[start:stop].copy()
+
+
+def test_row_sources_are_read_chunk_by_chunk_and_match_arrays():
+    teacher, model, labels = random_pair(n=240)
+    shaped = [x.reshape(8, 30, *x.shape[1:]) for x in (teacher, model, labels)]
+    source = Rows(shaped[1])
+    assert isinstance(source, RowSource)
+    got = functional_similarity(shaped[0], source, shaped[2], chunk_size=50)
+    assert_same_results(got, functional_similarity(teacher, model, labels, chunk_size=50))
+    assert source.reads == [(0, 50), (50, 100), (100, 150), (150, 200), (200, 240)]
+    acc, loss = accuracy_and_loss(Rows(model), labels)
+    assert (acc, loss) == (got["accuracy"], pytest.approx(got["loss"], rel=1e-12))
 
 
 # ---------------------------------------------------------------- GPU

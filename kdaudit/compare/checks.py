@@ -1,0 +1,158 @@
+"""Checks that run before any metric is computed, so a mistake costs seconds, not hours.
+
+Errors (CompareError) versus warnings:
+
+- every logits file must have the first teacher's shape (N, K) or (N, T, V) and a floating
+  dtype; the labels must be integers of shape (N,) or (N, T) in [0, K): errors naming the
+  files;
+- a kd setting (teacher seed, alpha, T) with no paired siddo *and* no paired rcd row (same
+  teacher seed and student seed; rcd also at the same alpha and T) cannot be tested at all:
+  an error listing what is missing;
+- one of siddo / rcd missing for a kd setting, or missing for some of its student seeds: a
+  warning (returned as a note). The analysis still runs: without both controls the verdict
+  is "not supported" and says why, and unpaired kd seeds are left out of the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kdaudit.compare.errors import CompareError
+from kdaudit.compare.files import open_array
+from kdaudit.compare.manifest import Manifest, ModelRow
+
+
+@dataclass(frozen=True)
+class Layout:
+    shape: tuple[int, ...]  # of every logits file: (..., K)
+    labels: torch.Tensor  # int64, shape[:-1]
+
+    @property
+    def k(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.shape[:-1])
+
+
+def check_files(manifest: Manifest) -> Layout:
+    """Open every file (headers only, labels fully) and check they fit together."""
+    reference = manifest.teachers[0]
+    shape = _logits_shape(reference)
+    for row in (*manifest.teachers[1:], *manifest.students):
+        other = _logits_shape(row)
+        if other != shape:
+            raise CompareError(
+                f"{_mismatch(shape, other)}: {reference.path} ({reference.where()}) has shape "
+                f"{shape} but {row.path} ({row.where()}) has {other}"
+            )
+    labels = _labels(manifest, shape)
+    high, low = int(labels.max()), int(labels.min())
+    if high >= shape[-1] or low < 0:
+        raise CompareError(
+            f"labels {manifest.labels} hold class {high if low >= 0 else low}, outside the "
+            f"[0, {shape[-1]}) range of teacher {reference.path} (K={shape[-1]} outputs); the "
+            "labels and logits must index the same classes"
+        )
+    return Layout(shape, labels)
+
+
+def _logits_shape(row: ModelRow) -> tuple[int, ...]:
+    array = open_array(row.path)
+    try:
+        if not array.dtype.is_floating_point:
+            raise CompareError(
+                f"{row.path} ({row.where()}): logits have dtype {array.dtype}; "
+                "save floating-point logits"
+            )
+        if len(array.shape) < 2 or array.shape[-1] < 2 or 0 in array.shape:
+            raise CompareError(
+                f"{row.path} ({row.where()}): logits have shape {array.shape}; "
+                "need (N, K) or (N, T, V) with N >= 1 and K >= 2"
+            )
+        return array.shape
+    finally:
+        array.close()
+
+
+def _mismatch(a: tuple[int, ...], b: tuple[int, ...]) -> str:
+    if len(a) != len(b):
+        return "logits have different numbers of dimensions"
+    if a[-1] != b[-1]:
+        return f"logits have different K (classes/vocabulary: {a[-1]} vs {b[-1]})"
+    return "logits cover different numbers of examples (N)"
+
+
+def _labels(manifest: Manifest, shape: tuple[int, ...]) -> torch.Tensor:
+    array = open_array(manifest.labels, key="labels")
+    try:
+        where = f"labels {manifest.labels} (manifest line {manifest.labels_line})"
+        if array.dtype.is_floating_point or array.dtype.is_complex or array.dtype == torch.bool:
+            raise CompareError(f"{where}: dtype {array.dtype}; save integer class indices")
+        if tuple(array.shape) != shape[:-1]:
+            raise CompareError(
+                f"{where} have shape {tuple(array.shape)} but logits {manifest.teachers[0].path} "
+                f"have shape {shape}: need one label per example, shape {shape[:-1]}"
+            )
+        return array.load().long()
+    finally:
+        array.close()
+
+
+def check_controls(manifest: Manifest) -> list[str]:
+    """Warnings about kd runs without a paired control; CompareError when none is paired."""
+    warnings = []
+    for (teacher_seed, alpha, temperature), seeds in _kd_settings(manifest).items():
+        setting = f"teacher seed {teacher_seed}, kd alpha={alpha:g} T={temperature:g}"
+        missing = {
+            "siddo": seeds - _seeds(manifest, "siddo", teacher_seed),
+            "rcd": seeds - _seeds(manifest, "rcd", teacher_seed, alpha, temperature),
+        }
+        if all(m == seeds for m in missing.values()):
+            raise CompareError(
+                f"{setting} (student seeds {_list(seeds)}): no paired control; add siddo rows "
+                f"(teacher_seed {teacher_seed}) and rcd rows (alpha={alpha:g}, "
+                f"temperature={temperature:g}) with the same student seeds"
+            )
+        for control, seeds_missing in missing.items():
+            if seeds_missing == seeds:
+                warnings.append(
+                    f"{setting}: no {control} rows for its student seeds, so the "
+                    "verdict (which needs siddo and rcd) is not supported"
+                )
+            elif seeds_missing:
+                warnings.append(
+                    f"{setting}: no {control} rows for student seeds "
+                    f"{_list(seeds_missing)}; those kd runs have no {control} pair"
+                )
+    return warnings
+
+
+def _kd_settings(manifest: Manifest) -> dict[tuple[int, float, float], set[int]]:
+    settings: dict[tuple[int, float, float], set[int]] = {}
+    for row in manifest.students:
+        if row.role == "kd":
+            settings.setdefault((row.teacher_seed, row.alpha, row.temperature), set()).add(row.seed)
+    return dict(sorted(settings.items()))
+
+
+def _seeds(manifest: Manifest, role: str, teacher_seed: int, alpha=None, temperature=None):
+    return {
+        r.seed
+        for r in manifest.students
+        if r.role == role
+        and r.teacher_seed == teacher_seed
+        and (alpha is None or math.isclose(r.alpha, alpha, rel_tol=1e-9, abs_tol=1e-12))
+        and (
+            temperature is None
+            or math.isclose(r.temperature, temperature, rel_tol=1e-9, abs_tol=1e-12)
+        )
+    }
+
+
+def _list(seeds: set[int]) -> str:
+    return ", ".join(map(str, sorted(seeds)))

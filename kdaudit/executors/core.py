@@ -1,0 +1,172 @@
+"""What every executor shares: its options, the outcome of a grid, and one attempt at one run.
+
+`attempt` is the unit of work an executor ships to a worker (this process, a local worker
+process or a Ray task). It never raises for a failed run: an exception in training (NaN loss
+included) is recorded in the store and returned as a result, so a retry mechanism that sees
+only worker deaths (Ray's `max_retries`) never reruns a run that is bound to fail again.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdaudit.config import ConfigError
+from kdaudit.data import TensorData, load_data
+from kdaudit.progress import Reporter
+from kdaudit.protocol import RunSpec
+from kdaudit.runner import TeacherOutputs, execute
+from kdaudit.store import RunStore
+from kdaudit.train import total_steps
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How a grid is executed. None of it changes what a run computes, except `threads`:
+    CPU results are bitwise reproducible for a fixed number of intra-op threads per run."""
+
+    name: str = "local"  # local | ray
+    workers: int | None = None  # runs at once: local processes (None = 1, in this process);
+    # ray: CPUs of the local cluster in units of runs (None = all cores / threads)
+    threads: int = 1  # torch intra-op CPU threads per run (and the CPUs a Ray task asks for)
+    address: str | None = None  # ray: an existing cluster; None starts a local one
+    max_retries: int = 3  # reruns of a run whose worker process died; exceptions never rerun
+    gpus_per_run: float | None = None  # ray: None = 1 when the cluster has GPUs (device allowing)
+
+    def __post_init__(self) -> None:
+        if self.name not in EXECUTORS:
+            raise ConfigError(f"executor: {self.name!r} is not allowed; choose one of local, ray")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if self.threads < 1:
+            raise ConfigError(f"threads: must be >= 1, got {self.threads}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.name != "ray" and (self.address or self.gpus_per_run is not None):
+            raise ConfigError("address and gpus_per_run apply to the ray executor only")
+        if self.address and self.workers:
+            raise ConfigError("workers sizes a local Ray cluster; with an address the "
+                              "cluster's own CPUs decide how many runs go at once")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GridOutcome:
+    total: int
+    skipped: int  # complete before this call
+    completed: int  # completed by this call
+    failed: tuple[str, ...]  # run ids that failed (now or before, when not retried)
+    blocked: int = 0  # students not run because their teacher is not complete
+    quarantined: tuple[str, ...] = ()  # damaged run directories moved to DIR/corrupt/ to redo
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a worker needs, besides a run's spec, to execute it (small and picklable)."""
+
+    out: str
+    device: str  # resolved: cpu | cuda | cuda:N
+    threads: int
+    data_dir: str | None
+    save_weights: bool
+    grid_token: str  # one per grid: worker caches of teacher outputs do not outlive it
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    status: str  # complete | failed | blocked
+    message: str  # for the progress display
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            "--device cuda was asked for, but torch sees no CUDA GPU; use cpu or auto"
+        )
+    return torch.device(name)
+
+
+def attempt(spec: RunSpec, ctx: RunContext, reporter: Reporter | None = None) -> RunResult:
+    """Run one run in this process and store it, or record why it failed.
+    Loading the data is outside the guard: a dataset that cannot load stops the grid."""
+    store = RunStore(ctx.out)
+    if not spec.is_teacher and not store.is_complete(spec.teacher_id):
+        return blocked(spec)
+    with cpu_threads(ctx.threads):
+        data, teachers = _worker_state(spec, ctx)
+        if reporter is not None:
+            reporter.start_run(spec, total_steps(data.n_train, spec.train))
+        on_step = reporter.step if reporter is not None else None
+        store.mark_running(spec.run_id)
+        try:
+            execute(spec, data, store, teachers, ctx.save_weights, on_step)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # a failed run costs only itself: record it, go on
+            error = f"{type(err).__name__}: {err}"
+            step = getattr(err, "step", None)
+            store.write_failure(spec, error, traceback.format_exc(), step)
+            return RunResult(spec.run_id, "failed", f"failed: {error}")
+        finally:
+            store.clear_running(spec.run_id)
+    return RunResult(spec.run_id, "complete", "complete")
+
+
+def blocked(spec: RunSpec) -> RunResult:
+    # Not a failure of this run: it stays pending and runs once its teacher exists.
+    return RunResult(
+        spec.run_id, "blocked", f"skipped: its teacher {spec.teacher_id} did not complete"
+    )
+
+
+def system_failure(store: RunStore, spec: RunSpec, error: str, detail: str = "") -> RunResult:
+    """Record a run whose worker kept dying (killed, out of memory, node lost)."""
+    store.write_failure(spec, error, detail, None, kind="system")
+    return RunResult(spec.run_id, "failed", f"failed: {error}")
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# One per worker process: the dataset on its device, and teacher outputs loaded once per grid.
+_STATE: dict = {}
+
+
+def release_worker_state() -> None:
+    """Drop the cached dataset and teacher outputs (device memory included)."""
+    _STATE.clear()
+
+
+def _worker_state(spec: RunSpec, ctx: RunContext) -> tuple[TensorData, TeacherOutputs]:
+    if _STATE.get("token") != ctx.grid_token:
+        _STATE.clear()
+        _STATE["token"] = ctx.grid_token
+    key = ("data", spec.data, ctx.device)
+    if key not in _STATE:
+        data_dir = Path(ctx.data_dir) if ctx.data_dir else None
+        _STATE[key] = load_data(spec.data, data_dir).to(ctx.device)
+    teachers = _STATE.setdefault(
+        ("teachers", ctx.device), TeacherOutputs(RunStore(ctx.out), torch.device(ctx.device))
+    )
+    return _STATE[key], teachers

@@ -1,0 +1,196 @@
+"""The local executor: runs one by one in this process, or in N worker processes.
+
+Workers are forked from a fork server (never from this process, whose threads make fork
+unsafe); each has `threads` torch threads and, on a machine with several GPUs, its own GPU
+(cuda:i round robin). Teachers go first; a student is submitted only once its teacher is
+complete. A worker that dies (kill -9, out of memory) breaks the pool: a new pool is started
+and the runs that were in flight are rerun, at most `max_retries` times each; exceptions
+inside a run are recorded by `attempt`, never rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import signal
+import sys
+from collections import Counter, defaultdict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
+
+import torch
+
+from kdaudit.executors.core import (
+    ExecutorConfig,
+    RunContext,
+    RunResult,
+    attempt,
+    blocked,
+    release_worker_state,
+    system_failure,
+)
+from kdaudit.progress import Reporter
+from kdaudit.protocol import RunSpec
+from kdaudit.store import RunStore
+
+
+def run_sequential(todo: list[RunSpec], ctx: RunContext, reporter: Reporter) -> None:
+    try:
+        for spec in todo:
+            result = attempt(spec, ctx, reporter)
+            reporter.end_run(spec, result.message)
+    finally:
+        release_worker_state()  # this process is the caller's: free its memory
+
+
+def run_pool(
+    todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig, reporter: Reporter
+) -> None:
+    store = RunStore(ctx.out)
+    queue, waiting = _ready_and_waiting(todo, store, reporter)
+    deaths: Counter[str] = Counter()
+    idle_deaths = 0  # pools that died with no run in flight: workers crashing at start-up
+    while queue:
+        lost = _one_pool(queue, waiting, ctx, options, reporter)
+        in_flight = set(store.running()) & {s.run_id for s in lost}
+        idle_deaths = 0 if in_flight or not lost else idle_deaths + 1
+        if idle_deaths > options.max_retries:
+            raise RuntimeError(
+                f"the local worker processes died {idle_deaths} times before starting a run; "
+                "rerun with --workers 1 to see the error"
+            )
+        retry = _to_retry(lost, in_flight, store, deaths, options, waiting, reporter)
+        queue.extendleft(reversed(retry))
+
+
+def _ready_and_waiting(todo: list[RunSpec], store: RunStore, reporter: Reporter):
+    """Runs that can start now (teachers first), and students by the teacher they wait for."""
+    queue: deque[RunSpec] = deque()
+    waiting: dict[str, list[RunSpec]] = defaultdict(list)
+    in_todo = {s.run_id for s in todo}
+    for spec in todo:
+        if spec.is_teacher or store.is_complete(spec.teacher_id):
+            queue.append(spec)
+        elif spec.teacher_id in in_todo:
+            waiting[spec.teacher_id].append(spec)
+        else:  # its teacher failed before and is not retried
+            reporter.end_run(spec, blocked(spec).message)
+    return queue, waiting
+
+
+def _one_pool(queue, waiting, ctx, options, reporter) -> list[RunSpec]:
+    """Run the queue (and the students it releases) until done or until a worker dies;
+    return the runs the dead pool did not finish."""
+    pool = _new_pool(options.workers, _devices(ctx.device), ctx.threads)
+    futures: dict[Future, RunSpec] = {}
+    try:
+        while queue or futures:
+            while queue:
+                spec = queue.popleft()
+                futures[pool.submit(_attempt_in_worker, spec, ctx)] = spec
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                pool.shutdown(wait=True)  # every future is now done: finished, or lost
+                done = set(futures)
+            lost = []
+            for future in done:
+                spec = futures.pop(future)
+                if isinstance(future.exception(), BrokenProcessPool):
+                    lost.append(spec)
+                else:
+                    _finished(spec, future.result(), queue, waiting, reporter)
+            if lost:
+                return lost
+        pool.shutdown(wait=True)  # idle workers exit now, none is left half-started
+        return []
+    except BaseException:  # Ctrl-C or an error that stops the grid: stop the runs in flight
+        _kill_workers(pool)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+
+
+def _finished(spec: RunSpec, result: RunResult, queue, waiting, reporter: Reporter) -> None:
+    reporter.end_run(spec, result.message)
+    for student in waiting.pop(spec.run_id, ()):
+        if result.status == "complete":
+            queue.append(student)
+        else:
+            reporter.end_run(student, blocked(student).message)
+
+
+def _to_retry(lost, in_flight: set, store: RunStore, deaths: Counter, options, waiting,
+              reporter) -> list:  # fmt: skip
+    """Runs a dead pool lost. Those that were in flight (they left an in-flight mark) count a
+    worker death each; queued ones go back for free."""
+    retry = []
+    for spec in lost:
+        if spec.run_id in in_flight:
+            deaths[spec.run_id] += 1
+            store.clear_running(spec.run_id)
+        if deaths[spec.run_id] <= options.max_retries:
+            retry.append(spec)
+            continue
+        error = (f"WorkerDied: its worker process died {deaths[spec.run_id]} times (killed, or "
+                 f"out of memory?); not retried after {options.max_retries}")  # fmt: skip
+        _finished(spec, system_failure(store, spec, error), retry, waiting, reporter)
+    return retry
+
+
+def _new_pool(workers: int, devices: list[str], threads: int) -> ProcessPoolExecutor:
+    mp = _context()
+    slots = mp.SimpleQueue()
+    for i in range(workers):
+        slots.put(devices[i % len(devices)])
+    return ProcessPoolExecutor(workers, mp_context=mp, initializer=_start_worker,
+                               initargs=(slots, threads))  # fmt: skip
+
+
+def _context():
+    """A fork server that has imported torch and kdaudit once: a new worker is a fork of it
+    (a fraction of a second) rather than a fresh interpreter importing torch (seconds). Plain
+    fork is unsafe once torch has started threads in this process; spawn is the fallback."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(["kdaudit.executors.core"])
+    return mp
+
+
+def _devices(device: str) -> list[str]:
+    """cuda (no index) on a machine with several GPUs: one GPU per worker, round robin."""
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+_WORKER_DEVICE: str | None = None
+
+
+def _start_worker(slots, threads: int) -> None:
+    global _WORKER_DEVICE
+    _die_with_parent()
+    _WORKER_DEVICE = slots.get()
+    torch.set_num_threads(threads)
+
+
+def _attempt_in_worker(spec: RunSpec, ctx: RunContext) -> RunResult:
+    return attempt(spec, replace(ctx, device=_WORKER_DEVICE or ctx.device))
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the driver dies (even by kill -9), so no orphan
+    keeps training into the store after its grid is gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):  # PR_SET_PDEATHSIG = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
