@@ -12,13 +12,18 @@ from kdaudit.cli import main
 from kdaudit.config import load_config
 from kdaudit.data.files import DatasetMissing
 from tests.test_audio import AUDIO_WRITERS
-from tests.test_text import write_text
+from tests.test_text import TEXT, write_text
 from tests.test_vision import FAKE_WRITERS
 
 ROOT = Path(__file__).parents[1]
 SHARED = Path(os.environ.get("KDAUDIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
-WRITERS = {**FAKE_WRITERS, **AUDIO_WRITERS, "tinyshakespeare": write_text}
+WRITERS = {
+    **FAKE_WRITERS,
+    **AUDIO_WRITERS,
+    # long enough that the 10% test split holds a paper-size window of 257 characters
+    "tinyshakespeare": lambda data_dir: write_text(data_dir, TEXT * 10),
+}
 # Paper-size models shrunk for a two-step CPU smoke run (the config's own structure is kept).
 # (Evaluating the 111k TinyShakespeare test positions with the full NanoGPT takes minutes
 # per run on a CPU.)
