@@ -10,6 +10,8 @@ from kdaudit.protocol import Grid, expand
 from kdaudit.store import RunStore
 
 KEYS = ["run_id", "teacher_seed", "student_seed", "condition", "alpha", "temperature"]
+TEACHER_COLUMNS = ["teacher_seed", "run_id", "train_loss", "train_accuracy", "test_loss",
+                   "test_accuracy"]  # fmt: skip
 
 
 def load_runs(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
@@ -44,15 +46,7 @@ def load_teachers(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
         for t in grid.teachers
         if store.is_complete(t.run_id)
     ]
-    columns = [
-        "teacher_seed",
-        "run_id",
-        "train_loss",
-        "train_accuracy",
-        "test_loss",
-        "test_accuracy",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=TEACHER_COLUMNS)
 
 
 def accuracy_by_condition(runs: pd.DataFrame) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from kdaudit.metrics import (
     functional_similarity_many,
 )
 from kdaudit.report import verdict_lines, write_report
-from kdaudit.results import KEYS
+from kdaudit.results import KEYS, TEACHER_COLUMNS
 from kdaudit.stats import Analysis, AnalysisOptions, analyse
 from kdaudit.store import code_version
 
@@ -42,14 +42,6 @@ CACHE_FILE = "metrics_cache.json"
 # their K x K Procrustes sums when K <= procrustes_max_classes.
 MAX_MODELS_PER_PASS = 16
 PROCRUSTES_BYTES_PER_PASS = 256 << 20
-TEACHER_COLUMNS = [
-    "teacher_seed",
-    "run_id",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-]
 
 
 @dataclass(frozen=True)
