@@ -20,7 +20,7 @@ def load_runs(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
     grid = grid or expand(store.load_experiment())
     rows = []
     for spec in grid.students:
-        if not store.is_complete(spec.run_id):
+        if not _intact(store, spec.run_id):
             continue
         keys = [spec.run_id, spec.teacher_seed, spec.student_seed, spec.condition,
                 spec.alpha, spec.temperature]  # fmt: skip
@@ -28,6 +28,12 @@ def load_runs(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
             rows.append([*keys, metric, value])
     frame = pd.DataFrame(rows, columns=[*KEYS, "metric", "value"])
     return frame.astype({"alpha": float, "temperature": float, "value": float})
+
+
+def _intact(store: RunStore, run_id: str) -> bool:
+    """Complete and undamaged: a damaged run (left by a crash or a bad disk, not yet moved
+    aside by the next `kdaudit run`) is left out of the analysis, not read half-written."""
+    return store.is_complete(run_id) and store.verify(run_id) is None
 
 
 def _student_metrics(record: dict) -> dict[str, float]:
@@ -44,7 +50,7 @@ def load_teachers(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
     rows = [
         {"teacher_seed": t.teacher_seed, "run_id": t.run_id, **store.record(t.run_id)["metrics"]}
         for t in grid.teachers
-        if store.is_complete(t.run_id)
+        if _intact(store, t.run_id)
     ]
     return pd.DataFrame(rows, columns=TEACHER_COLUMNS)
 

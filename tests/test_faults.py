@@ -88,6 +88,10 @@ def test_damaged_run_directories_are_moved_aside_and_redone(tiny_config, tmp_pat
     status = grid_status(out)
     assert {c["run_id"] for c in status["corrupt_runs"]} == damaged
     assert status["complete"] == 2
+    # Before any repair, the report reads the intact runs and leaves the damaged ones out.
+    reported = api.report(out)
+    assert set(reported.runs.run_id) == {s.run_id for s in grid.students} - damaged
+    assert reported.teachers.empty  # the teacher's train logits were truncated
     store = RunStore(out)
     untouched = {s.run_id: (store.runs / s.run_id / "record.json").stat().st_mtime_ns
                  for s in grid.runs if s.run_id not in damaged}  # fmt: skip
