@@ -52,6 +52,7 @@ def run(
     if smoke_test:
         cfg = smoke(cfg)
     out = Path(out) if out else Path("runs") / cfg.name
+    data_dir = data_dir or cfg.data_dir
     outcome = run_grid(cfg, out, executor, device, data_dir, retry_failed, reporter)
     has_students = any(RunStore(out).is_complete(s.run_id) for s in expand(cfg).students)
     return outcome, (report(out) if has_students else None)

@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=5 (repeatable)")  # fmt: skip
     run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    run.add_argument("--data-dir", type=Path, help="dataset directory (default: $KDAUDIT_DATA)")
+    run.add_argument("--data-dir", type=Path,
+                     help="dataset directory (default: the config's data_dir, else $KDAUDIT_DATA)")  # fmt: skip
     run.add_argument("--smoke", action="store_true",
                      help="a tiny grid and training (about a minute) to check the config works")  # fmt: skip
     run.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")

@@ -101,6 +101,9 @@ class ExperimentConfig:
     protocol: ProtocolConfig = ProtocolConfig()
     analysis: AnalysisOptions = AnalysisOptions()
     store: StoreConfig = StoreConfig()
+    # Where datasets live; --data-dir overrides it, $KDAUDIT_DATA is used when neither is
+    # set. Not part of any run's identity: the same files elsewhere give the same runs.
+    data_dir: str | None = None
 
     @property
     def student_model(self) -> Any:

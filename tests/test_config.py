@@ -60,3 +60,18 @@ def test_resolved_config_round_trips_through_the_store(tiny_config, tmp_path):
     store.save_experiment(cfg)
     assert store.load_experiment() == cfg
     assert to_dict(store.load_experiment())["train"]["epochs"] == 3
+
+
+def test_data_dir_comes_from_the_flag_else_the_config(tiny_config, tmp_path, monkeypatch):
+    from kdaudit import api
+
+    seen = []
+    monkeypatch.setattr(
+        api, "run_grid", lambda cfg, out, ex, dev, data_dir, *a: seen.append(data_dir)
+    )
+    monkeypatch.setattr(api, "expand", lambda cfg: type("G", (), {"students": ()})())
+    from_config = tmp_path / "from-config"
+    api.run(tiny_config, tmp_path / "a", overrides=[f"data_dir={from_config}"])
+    api.run(tiny_config, tmp_path / "b", overrides=[f"data_dir={from_config}"], data_dir="flag")
+    api.run(tiny_config, tmp_path / "c")
+    assert seen == [str(from_config), "flag", None]
