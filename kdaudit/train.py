@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdaudit.accel import accel_for, prepare
 from kdaudit.conditions import Batch, Objective
 from kdaudit.config import TrainConfig
 
@@ -32,6 +33,7 @@ class NonFiniteLoss(RuntimeError):
 class TrainResult:
     steps: int
     seconds: float
+    engine: dict = field(default_factory=dict)  # how it was trained, for the run's record
 
 
 def batch_order(n: int, cfg: TrainConfig, seed: int) -> Iterator[torch.Tensor]:
@@ -65,7 +67,9 @@ def train(
     start = time.perf_counter()
     device = data.device
     torch.manual_seed(data_seed)  # global RNG (dropout masks): same draws for every condition
-    optimizer = make_optimizer(model, cfg)
+    accel = accel_for(model, cfg, device)
+    forward = prepare(model, accel)
+    optimizer = make_optimizer(model.parameters(), cfg)
     schedule = make_schedule(optimizer, cfg, total_steps(data.n_train, cfg))
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     model.train()
@@ -74,7 +78,9 @@ def train(
         idx = idx.to(device, non_blocking=True)
         x, y = data.train_batch(idx, cfg.augment)
         batch = Batch(idx, x, y.reshape(-1))  # (B,) or, for sequences, (B * T,)
-        loss = objective(model(x).flatten(0, -2), batch)  # logits (B, K) or (B * T, V)
+        with accel.autocast():
+            logits = forward(accel.inputs(x)).flatten(0, -2)  # (B, K) or (B * T, V)
+        loss = objective(logits.float(), batch)  # fp32 logits: a no-op without autocast
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -86,7 +92,8 @@ def train(
         if step % CHECK_EVERY == CHECK_EVERY - 1:
             _check(nonfinite, step)
     _check(nonfinite, step)
-    return TrainResult(step + 1, time.perf_counter() - start)
+    engine = {"stack": None, **accel.describe()}
+    return TrainResult(step + 1, time.perf_counter() - start, engine)
 
 
 def _check(nonfinite: torch.Tensor, step: int) -> None:
@@ -94,8 +101,9 @@ def _check(nonfinite: torch.Tensor, step: int) -> None:
         raise NonFiniteLoss(max(0, step - CHECK_EVERY + 1), step)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+def make_optimizer(params: Iterable[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Every optimizer here updates each element from that element alone, so one optimizer
+    # over stacked parameters (kdaudit.stacked) is the same as one per model.
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam

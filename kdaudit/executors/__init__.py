@@ -2,6 +2,7 @@
 
     local             one run at a time, in this process (the default)
     local, workers=N  N spawned worker processes on this machine, one GPU each if several
+    local, stack=N    in this process, N runs at a time trained as one stacked model
     ray               one Ray task per run on a local or existing cluster
 
 Whatever the executor, a grid holds DIR's lock while it runs, first repairs what a crash left
@@ -83,6 +84,10 @@ def _execute(todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig, repo
         from kdaudit.executors.local import run_pool
 
         run_pool(todo, ctx, options, reporter)
+    elif options.stack > 1:
+        from kdaudit.executors.stacking import run_stacked
+
+        run_stacked(todo, ctx, options.stack, reporter)
     else:
         from kdaudit.executors.local import run_sequential
 

@@ -30,8 +30,9 @@ EXECUTORS = ("local", "ray")
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """How a grid is executed. None of it changes what a run computes, except `threads`:
-    CPU results are bitwise reproducible for a fixed number of intra-op threads per run."""
+    """How a grid is executed. None of it changes what a run computes, except `threads`
+    (CPU results are bitwise reproducible for a fixed number of intra-op threads per run)
+    and `stack` > 1 (stacked runs equal runs alone up to rounding: kdaudit.stacked)."""
 
     name: str = "local"  # local | ray
     workers: int | None = None  # runs at once: local processes (None = 1, in this process);
@@ -40,12 +41,17 @@ class ExecutorConfig:
     address: str | None = None  # ray: an existing cluster; None starts a local one
     max_retries: int = 3  # reruns of a run whose worker process died; exceptions never rerun
     gpus_per_run: float | None = None  # ray: None = 1 when the cluster has GPUs (device allowing)
+    stack: int = 1  # runs trained at once as one stacked model (1: one at a time)
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:
             raise ConfigError(f"executor: {self.name!r} is not allowed; choose one of local, ray")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if self.stack < 1:
+            raise ConfigError(f"stack: must be >= 1, got {self.stack}")
+        if self.stack > 1 and (self.name == "ray" or (self.workers or 1) > 1):
+            raise ConfigError("stack applies to the sequential local executor (workers 1)")
         if self.threads < 1:
             raise ConfigError(f"threads: must be >= 1, got {self.threads}")
         if self.max_retries < 0:

@@ -1,0 +1,117 @@
+"""Stacked execution (`--stack N`): runs that share a teacher, data, architecture and training
+config train together as one stacked model (kdaudit.stacked), and each is stored on its own,
+atomically, as the sequential executor stores it. A crash loses at most the stack in flight.
+
+Reproducibility: on the CPU a model's result in a stack does not depend on the stack's size,
+on its position in it or on the other models in it (bitwise; tests/test_stacked.py), so a
+grid that resumes with differently formed stacks gives the same runs bit for bit. Stacked
+runs differ from runs trained alone by floating-point rounding, which grows over training
+like any change of summation order (kdaudit.stacked), so a store keeps one setting.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+from kdaudit.executors.core import (
+    RunContext,
+    RunResult,
+    _worker_state,
+    attempt,
+    blocked,
+    cpu_threads,
+    release_worker_state,
+)
+from kdaudit.progress import Reporter
+from kdaudit.protocol import RunSpec
+from kdaudit.runner import build_run, finish_run
+from kdaudit.stacked import Member, train_stacked, unstackable
+from kdaudit.store import RunStore
+from kdaudit.train import NonFiniteLoss, total_steps
+
+
+def run_stacked(todo: list[RunSpec], ctx: RunContext, size: int, reporter: Reporter) -> None:
+    """The sequential executor, `size` runs at a time where they can stack."""
+    try:
+        for group in stack_groups(todo, size):
+            for spec, result in attempt_stack(group, ctx, reporter):
+                reporter.end_run(spec, result.message)
+    finally:
+        release_worker_state()
+
+
+def stack_groups(todo: list[RunSpec], size: int) -> list[list[RunSpec]]:
+    """Runs that can train together, at most `size` per group, in grid order (teachers,
+    whose key has no teacher, come first)."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in todo:
+        key = (spec.teacher_id, spec.data, spec.model, spec.train)
+        groups.setdefault(key, []).append(spec)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def attempt_stack(
+    group: list[RunSpec], ctx: RunContext, reporter: Reporter
+) -> list[tuple[RunSpec, RunResult]]:
+    """Train and store one group; per run its result (as `attempt` gives it alone)."""
+    store = RunStore(ctx.out)
+    ready = [s for s in group if s.is_teacher or store.is_complete(s.teacher_id)]
+    results = [(s, blocked(s)) for s in group if s not in ready]
+    if not ready:
+        return results
+    solo = lambda: results + [(s, attempt(s, ctx, reporter)) for s in ready]  # noqa: E731
+    if any(s.checkpoint is not None for s in ready):  # loaded, not trained
+        return solo()
+    with cpu_threads(ctx.threads):
+        data, teachers = _worker_state(ready[0], ctx)
+        start = time.perf_counter()
+        built = _build(ready, data, teachers)
+        if built is None or unstackable(built[0][0]) is not None:  # batch norm, dropout
+            return solo()  # one at a time; `attempt` records a run that cannot be built
+        outcomes = _train_group(ready, built, data, teachers, ctx, reporter)
+        if outcomes is None:  # the stack as a whole failed (out of memory?): one at a time
+            return solo()
+        for spec, (model, _), outcome in zip(ready, built, outcomes, strict=True):
+            results.append((spec, _store(spec, model, outcome, data, store, teachers, ctx, start)))
+    return results
+
+
+def _build(ready: list[RunSpec], data, teachers) -> list | None:
+    """Each run's (model, objective), or None if one of them cannot be built."""
+    try:
+        return [build_run(s, data, teachers) for s in ready]
+    except Exception:
+        return None
+
+
+def _train_group(ready, built, data, teachers, ctx: RunContext, reporter: Reporter):
+    """Per run its TrainResult or NonFiniteLoss; None if the stack itself raised."""
+    store = RunStore(ctx.out)
+    members = [Member(m, obj, s.data_seed) for s, (m, obj) in zip(ready, built, strict=True)]
+    cfg = ready[0].train
+    reporter.start_run(ready[0], total_steps(data.n_train, cfg))
+    for spec in ready:
+        store.mark_running(spec.run_id)
+    try:
+        return train_stacked(members, data, cfg, reporter.step)[: len(ready)]
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        return None
+    finally:
+        for spec in ready:
+            store.clear_running(spec.run_id)
+
+
+def _store(spec, model, outcome, data, store: RunStore, teachers, ctx, start) -> RunResult:
+    """Evaluate and write one trained member, or record why it failed."""
+    try:
+        if isinstance(outcome, NonFiniteLoss):
+            raise outcome
+        finish_run(spec, model, outcome, data, store, teachers, ctx.save_weights, start)
+    except Exception as err:  # a failed run costs only itself: record it, go on
+        error = f"{type(err).__name__}: {err}"
+        store.write_failure(spec, error, traceback.format_exc(), getattr(err, "step", None))
+        return RunResult(spec.run_id, "failed", f"failed: {error}")
+    return RunResult(spec.run_id, "complete", "complete")

@@ -1,0 +1,216 @@
+"""Stacked training (kdaudit.stacked) against training alone, the --stack executor, and the
+CUDA speed-up switches on the CPU (kdaudit.accel).
+
+Tolerance, stacked vs alone: the forward pass is bitwise the same, but the batched matmul
+that computes a weight's gradient in the stack (bmm) sums in another order than the one
+alone (mm), so each step differs by rounding (~1 ulp); training compounds it. After the short
+trainings here (21 steps) weights agree to 1e-5 (relative 1e-4) and test predictions exactly.
+Over a full training the difference grows as any change of floating-point order does (30
+epochs of the default audit: 2-10% of test predictions differ), which is why a model's
+result must not depend on the stack around it: that is bitwise, tested below."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from kdaudit.accel import _COMPILED, Accel, accel_for, compiled
+from kdaudit.conditions import build_objective, cached_targets
+from kdaudit.config import ConfigError, TrainConfig, load_config
+from kdaudit.data import TensorData
+from kdaudit.executors import ExecutorConfig, run_grid
+from kdaudit.models import build_model
+from kdaudit.models.gpt import GPTConfig
+from kdaudit.models.mlp import MLPConfig
+from kdaudit.models.vision import CNNConfig
+from kdaudit.protocol import expand
+from kdaudit.stacked import Member, train_stacked, unstackable
+from kdaudit.store import RunStore
+from kdaudit.train import NonFiniteLoss, batch_order, train
+from tests.fault_helpers import assert_same_runs
+
+K = 4  # classes
+CFG = TrainConfig(batch_size=32, epochs=3, lr=0.01)
+MLP = MLPConfig(width=16, depth=2)
+WEIGHT_TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def _vectors(n: int = 200, d: int = 12) -> TensorData:
+    g = torch.Generator().manual_seed(0)
+    return TensorData(torch.randn(n, d, generator=g), torch.randint(0, K, (n,), generator=g),
+                      torch.randn(64, d, generator=g), torch.randint(0, K, (64,), generator=g),
+                      K)  # fmt: skip
+
+
+def _images(n: int = 96) -> TensorData:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    return TensorData(x, torch.randint(0, K, (n,), generator=g), x[:16], torch.arange(16) % K, K)
+
+
+TEACHER = torch.randn(200, K, generator=torch.Generator().manual_seed(2))  # (N, K) logits
+
+
+def _member(condition: str, seed: int, model_cfg=MLP, data=None):
+    data = data or _vectors()
+    alpha = None if condition == "siddo" else 0.5
+    objective = build_objective(condition, alpha, 2.0, K, cached_targets(TEACHER))
+    return Member(build_model(model_cfg, data.input_shape, K, 0), objective, seed)
+
+
+def _alone(member: Member, data, cfg=CFG) -> Member:
+    train(member.model, data, member.objective, cfg, member.data_seed)
+    return member
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("condition", ["siddo", "kd", "rcd"])
+def test_a_stacked_model_ends_where_it_would_alone(condition):
+    data = _vectors()
+    stack = [_member(condition, 10), _member("kd", 11), _member("rcd", 12)]
+    results = train_stacked(stack, data, CFG)
+    alone = _alone(_member(condition, 10), data)
+    torch.testing.assert_close(_flat(stack[0].model), _flat(alone.model), **WEIGHT_TOL)
+    z_stack, z_alone = stack[0].model(data.test_x), alone.model(data.test_x)
+    torch.testing.assert_close(z_stack, z_alone, **WEIGHT_TOL)
+    assert torch.equal(z_stack.argmax(1), z_alone.argmax(1))
+    assert results[0].steps == 21 and results[0].engine["stack"]["size"] == 3
+
+
+def _recording(member: Member, seen: list) -> Member:
+    def objective(logits, batch):
+        seen.append((batch.idx.clone(), batch.x.clone()))
+        return member.objective(logits, batch)
+
+    return replace(member, objective=objective)
+
+
+def test_each_stacked_model_sees_exactly_its_solo_batches_augmentation_included():
+    data, cfg = _images(), replace(CFG, augment="crop_flip", epochs=2)
+    cnn = CNNConfig(width=4, depth=1)
+    seen = {s: [] for s in (10, 11)}
+    stack = [_recording(_member("siddo", s, cnn, data), seen[s]) for s in (10, 11)]
+    train_stacked(stack, data, cfg)
+    solo: list = []
+    _alone(_recording(_member("siddo", 11, cnn, data), solo), data, cfg)
+    assert [i.tolist() for i, _ in seen[11]] == [b.tolist() for b in batch_order(96, cfg, 11)]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen[11], solo, strict=True))
+    assert not torch.equal(seen[10][0][1], seen[11][0][1])  # the streams are distinct
+
+
+def test_a_stacked_models_result_does_not_depend_on_the_stack_around_it():
+    data = _vectors()
+    ends = []
+    for others in ([], ["siddo"], ["kd", "rcd"], ["rcd", "kd", "siddo", "kd"]):
+        stack = [_member(c, 20 + i) for i, c in enumerate(others)] + [_member("kd", 10)]
+        train_stacked(stack, data, CFG)
+        ends.append(_flat(stack[-1].model))
+    assert all(torch.equal(ends[0], e) for e in ends[1:])  # bitwise, for any size and position
+
+
+def test_a_nonfinite_model_fails_alone_and_the_others_train_on():
+    data = _vectors()
+
+    def poisoned(logits, batch):  # NaN from its 10th step on
+        poisoned.calls += 1
+        return logits.sum() * (float("nan") if poisoned.calls >= 10 else 0.0) + logits.mean()
+
+    poisoned.calls = 0
+    stack = [
+        _member("siddo", 10),
+        Member(build_model(MLPConfig(width=16, depth=2), (12,), K, 0), poisoned, 11),
+    ]
+    results = train_stacked(stack + [_member("kd", 12)], data, CFG)
+    assert isinstance(results[1], NonFiniteLoss) and results[1].step == 20
+    control = [_member("siddo", 10), _member("kd", 12)]
+    train_stacked(control, data, CFG)
+    assert torch.equal(_flat(stack[0].model), _flat(control[0].model))
+
+
+def test_a_stacked_language_model_with_tied_weights_ends_where_it_would_alone():
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 5, (64, 6), generator=g)  # (N, T)
+    data = TensorData(tokens, torch.roll(tokens, -1, 1), tokens[:8], tokens[:8], 5)
+    gpt = GPTConfig(n_layer=1, n_embd=8, n_head=2, dropout=0.0)
+
+    def member(seed):
+        ce = build_objective("siddo", None, None, 5)
+        return Member(build_model(gpt, (6,), 5, 0), ce, seed)
+
+    stack = [member(10), member(11)]
+    train_stacked(stack, data, CFG)
+    alone = _alone(member(11), data)
+    torch.testing.assert_close(_flat(stack[1].model), _flat(alone.model), **WEIGHT_TOL)
+    assert stack[1].model.head.weight is stack[1].model.tok.weight  # still tied
+
+
+def test_models_with_batch_norm_or_dropout_do_not_stack():
+    assert "batch norm" in unstackable(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    assert "dropout" in unstackable(
+        build_model(GPTConfig(n_layer=1, n_embd=8, n_head=2), (4,), 5, 0)
+    )
+    gpt = GPTConfig(n_layer=1, n_embd=8, n_head=2, dropout=0.0)
+    assert unstackable(build_model(gpt, (4,), 5, 0)) is None
+
+
+def test_the_stack_executor_stores_every_run_reproducibly_whatever_the_stacks(
+    tiny_config, tmp_path
+):
+    cfg = load_config(tiny_config)
+    grid = expand(cfg)
+    run_grid(cfg, tmp_path / "seq", ExecutorConfig(), "cpu")
+    for name, size in (("s4", 4), ("s2", 2)):  # resume after a crash forms other stacks
+        outcome = run_grid(cfg, tmp_path / name, ExecutorConfig(stack=size), "cpu")
+        assert outcome.completed == 7 and not outcome.failed
+    assert_same_runs(grid, tmp_path / "s4", tmp_path / "s2")
+    seq, stacked = RunStore(tmp_path / "seq"), RunStore(tmp_path / "s4")
+    for spec in grid.runs:
+        a, b = seq.record(spec.run_id), stacked.record(spec.run_id)
+        assert a["engine"]["stack"] is None and b["engine"]["stack"]["size"] >= 1
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, abs=1e-4), key
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"stack": 0}, "stack: must be >= 1"), ({"stack": 2, "workers": 2}, "sequential local")],
+)
+def test_stack_options_are_checked(options, message):
+    with pytest.raises(ConfigError, match=message):
+        ExecutorConfig(**options)
+
+
+def test_the_cuda_speed_ups_change_nothing_on_the_cpu():
+    data = _vectors()
+    fast = replace(CFG, precision="bf16", channels_last=True, compile=True)
+    a, b = _alone(_member("kd", 10), data), _alone(_member("kd", 10), data, fast)
+    assert torch.equal(_flat(a.model), _flat(b.model))
+    assert accel_for(a.model, fast, torch.device("cpu")) == Accel()
+    cuda = accel_for(build_model(CNNConfig(), (1, 8, 8), K, 0), fast, torch.device("cuda"))
+    assert cuda == Accel(bf16=True, channels_last=True, compile=True)
+
+
+def test_new_train_settings_are_checked_and_leave_run_ids_alone(tiny_config):
+    with pytest.raises(ConfigError, match="train.precision: 'fp16' is not allowed"):
+        load_config(tiny_config, ["train.precision=fp16"])
+    plain = expand(load_config(tiny_config)).runs
+    explicit = expand(load_config(tiny_config, ["train.precision=fp32", "train.compile=false"]))
+    assert [r.run_id for r in plain] == [r.run_id for r in explicit.runs]
+
+
+def test_one_compiled_function_serves_every_model_of_an_architecture():
+    _COMPILED.clear()
+    models = [build_model(MLPConfig(width=8, depth=1), (12,), K, s) for s in (0, 1)]
+    x = _vectors().test_x
+    for model in models:
+        out = compiled(model, backend="eager")(
+            dict(model.named_parameters()), dict(model.named_buffers()), x
+        )
+        assert torch.equal(out, model(x))
+    assert len(_COMPILED) == 1
