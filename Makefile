@@ -14,8 +14,8 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check kdaudit tests benchmarks
-	$(BIN)/ruff format --check kdaudit tests benchmarks
+	$(BIN)/ruff check kdaudit tests benchmarks examples
+	$(BIN)/ruff format --check kdaudit tests benchmarks examples
 
 install: $(VENV)/.installed
 

@@ -92,4 +92,4 @@ def load_data(cfg, data_dir: Path | None = None) -> TensorData:
     return DATASETS.build(cfg, Path(data_dir) if data_dir else default_data_dir())
 
 
-from kdaudit.data import audio, mnist1d, text, vision  # noqa: E402,F401  (registers)
+from kdaudit.data import audio, mnist1d, text, user, vision  # noqa: E402,F401  (registers)

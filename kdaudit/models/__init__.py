@@ -7,6 +7,8 @@ from torch import nn
 
 from kdaudit.registry import Registry
 
+# info: width = the config field that sets the model's width (capacity scaling scales it),
+# width_multiple_of = the field its width must be a multiple of (e.g. attention heads).
 MODELS: Registry[nn.Module] = Registry("model")
 
 
@@ -18,4 +20,4 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int, init_seed: 
         return MODELS.build(cfg, input_shape, num_classes)
 
 
-from kdaudit.models import audio, cnn1d, gpt, mlp, vision  # noqa: E402,F401  (registers)
+from kdaudit.models import audio, cnn1d, factory, gpt, mlp, vision  # noqa: E402,F401  (registers)
