@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1, metavar="N",
                      help="torch CPU threads per run (default 1; CPU results are bitwise "
                           "reproducible for a fixed value)")  # fmt: skip
+    run.add_argument("--stack", type=int, default=1, metavar="N",
+                     help="train up to N runs of one teacher at once as one stacked model "
+                          "(models without batch norm or dropout; default 1: one at a time)")  # fmt: skip
     run.add_argument("--address", metavar="ADDR",
                      help="ray: address of an existing cluster (default: start a local one)")  # fmt: skip
     run.add_argument("--max-retries", type=int, default=3, metavar="N",
@@ -55,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="analyse a run directory and write DIR/report/")
     report.add_argument("dir", type=Path)
+    report.add_argument("--data-dir", type=Path,
+                        help="dataset directory, for reports that read the test data "
+                             "(targeted error transfer; default: $KDAUDIT_DATA)")  # fmt: skip
     report.set_defaults(func=_report)
 
     status = sub.add_parser("status", help="complete / pending / failed runs of a run directory")
@@ -75,7 +81,8 @@ def _run(args: argparse.Namespace) -> int:
     from kdaudit.progress import RichReporter
 
     executor = ExecutorConfig(args.executor, workers=args.workers, threads=args.threads,
-                              address=args.address, max_retries=args.max_retries)  # fmt: skip
+                              address=args.address, max_retries=args.max_retries,
+                              stack=args.stack)  # fmt: skip
     outcome, result = api.run(
         args.config, args.out, overrides=args.overrides, device=args.device,
         data_dir=args.data_dir, smoke_test=args.smoke, retry_failed=args.retry_failed,
@@ -96,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from kdaudit import api
 
-    _print_result(api.report(args.dir))
+    _print_result(api.report(args.dir, args.data_dir))
     return 0
 
 
@@ -133,6 +140,8 @@ def _setting(r) -> str:
         parts.append(f"alpha={r.alpha:g}")
     if r.temperature == r.temperature:
         parts.append(f"T={r.temperature:g}")
+    if r.width == r.width:  # capacity grids only
+        parts.append(f"width={r.width:g}")
     return " ".join(parts)
 
 

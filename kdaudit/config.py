@@ -47,9 +47,16 @@ class TrainConfig:
     augment: str = "none"  # none | crop_flip | randaugment (image datasets)
     # train accuracy/loss from at most this many examples (positions, for text); None: all
     eval_train_limit: int | None = None
+    # CUDA speed-ups (no effect on the CPU; the record says what applied): bf16 autocast of
+    # the forward pass (loss and metrics from fp32 logits), NHWC layout for 2D convnets,
+    # torch.compile once per architecture per process.
+    precision: str = "fp32"  # fp32 | bf16
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _check_choice("train.precision", self.precision, ("fp32", "bf16"))
         _check_choice("train.augment", self.augment, ("none", "crop_flip", "randaugment"))
         _check_choice("train.schedule", self.schedule, ("constant", "cosine"))
         _check_positive("train.lr", self.lr)
@@ -66,6 +73,22 @@ class ProtocolConfig:
     temperatures: tuple[float, ...] = (1.0,)
     # None: self-distillation (students share the teacher's architecture and initial weights).
     student_model: Any = field(default=None, metadata={"registry": "model", "optional": True})
+    # Capacity scaling: student widths as fractions of the teacher's (a grid axis; empty: off).
+    student_widths: tuple[float, ...] = ()
+    # Data the teachers train on when it differs from the students' (`data`), e.g. a planted
+    # error (tinyshakespeare_tha); None: the same data.
+    teacher_data: Any = field(default=None, metadata={"registry": "data", "optional": True})
+    # The teachers' training when it differs from the students' (`train`), e.g. a RandAugment
+    # teacher (the teacher-regime experiment). In a config file only the keys that differ are
+    # given; the rest come from `train` (see load_config). None: the same training.
+    teacher_train: TrainConfig | None = None
+    # A pretrained teacher: a state_dict file (.safetensors, .pt, .pth) loaded into the model
+    # that `model` builds, instead of training one. Its initial weights are unknown, so the
+    # students start from their own initialisation per student seed (PROTOCOL section 3).
+    teacher_checkpoint: str | None = None
+    # sha256 of that file: filled in by `kdaudit run` and saved in experiment.yaml (the run
+    # ids depend on it, not on the path); set it to refuse any other file.
+    teacher_sha256: str | None = None
 
     def __post_init__(self) -> None:
         from kdaudit.conditions import CONDITIONS
@@ -79,11 +102,21 @@ class ProtocolConfig:
                 raise ConfigError(f"protocol.alphas: {a} is outside [0, 1]")
         for t in self.temperatures:
             _check_positive("protocol.temperatures", t)
+        for w in self.student_widths:
+            if not 0.0 < w <= 1.0:
+                raise ConfigError(f"protocol.student_widths: {w} is outside (0, 1]")
+        if len(set(self.student_widths)) != len(self.student_widths):
+            raise ConfigError("protocol.student_widths: a width is listed twice")
         overlap = set(self.teacher_seeds) & set(self.student_seeds)
         if overlap:
             raise ConfigError(
                 f"protocol: seeds {sorted(overlap)} are both teacher and student seeds; "
                 "a student would share its teacher's data order"
+            )
+        if self.teacher_checkpoint is not None and len(self.teacher_seeds) != 1:
+            raise ConfigError(
+                "protocol.teacher_seeds: a pretrained teacher (protocol.teacher_checkpoint) is "
+                f"one teacher; give one seed, e.g. teacher_seeds: [0] (got {list(self.teacher_seeds)})"
             )
 
 
@@ -113,6 +146,11 @@ class ExperimentConfig:
     def self_distillation(self) -> bool:
         return self.protocol.student_model is None
 
+    @property
+    def pretrained_teacher(self) -> bool:
+        """The teacher is loaded from protocol.teacher_checkpoint, not trained."""
+        return self.protocol.teacher_checkpoint is not None
+
 
 # ---------------------------------------------------------------- loading
 
@@ -127,7 +165,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
+    _complete_teacher_train(raw)
     return from_dict(ExperimentConfig, raw)
+
+
+def _complete_teacher_train(raw: dict) -> None:
+    """protocol.teacher_train states what differs from `train`: fill in the rest."""
+    protocol = raw.get("protocol")
+    if isinstance(protocol, dict) and isinstance(protocol.get("teacher_train"), dict):
+        protocol["teacher_train"] = {**(raw.get("train") or {}), **protocol["teacher_train"]}
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -183,8 +229,11 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
 def _registered(metadata: Any, value: Any, key: str) -> Any:
     if value is None and metadata.get("optional"):
         return None
+    if isinstance(value, dict) and "factory" in value and "name" not in value:
+        value = {"name": "factory", **value}  # user code: {factory: "package.module:function"}
     if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(f"{key}: expected a mapping with a 'name' key")
+        raise ConfigError(f"{key}: expected a mapping with a 'name' key (a registered entry) "
+                          "or a 'factory' key ('package.module:function', your own code)")  # fmt: skip
     registry = _registry(metadata["registry"])
     if value["name"] not in registry:
         raise ConfigError(

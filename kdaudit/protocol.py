@@ -5,9 +5,16 @@ Pairing rules, all in `_student`:
 - self-distillation: every student and control starts from its teacher's initial weights
   (init seed = teacher seed) and uses data-order seed = student seed;
 - smaller-student distillation: all students of one student seed share the student
-  initialisation (init seed = student seed) and the data order (student seed).
+  initialisation (init seed = student seed) and the data order (student seed);
+- a pretrained teacher (protocol.teacher_checkpoint) is loaded, not trained; its initial
+  weights are unknown, so its students follow the smaller-student rule whatever their size.
 So for one (teacher seed, student seed) every condition gets the same init and the same
 minibatches; only the objective differs.
+
+Capacity scaling (`protocol.student_widths`) adds a grid axis: the student's width field (the
+one its model registry entry declares) set to a fraction of the teacher's. Every width is a
+smaller-student setting, 100% included (init seed = student seed), so the whole sweep is one
+regime; within one (teacher seed, student seed, width) the pairing above holds.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kdaudit.conditions import CONDITIONS
-from kdaudit.config import ExperimentConfig, TrainConfig, to_dict
+from kdaudit.config import ConfigError, ExperimentConfig, TrainConfig, to_dict
 
 # Bump when a change to the engine changes what a run computes: old runs are not reused.
 RUN_FORMAT = 1
@@ -39,6 +46,16 @@ class RunSpec:
     model: Any
     train: TrainConfig
     teacher_id: str | None = None  # the run id of this student's teacher
+    # capacity grids: the student's width as a fraction of the teacher's (None elsewhere, so
+    # the run ids of other grids do not change: fields at their default are not hashed)
+    width: float | None = None
+    # a teacher trained on other data than its students (protocol.teacher_data): their data,
+    # on which its test outputs are computed for them (None: they share the teacher's data)
+    students_data: Any = None
+    # a pretrained teacher: its state_dict file, and that file's sha256 (the run id hashes
+    # the sha256, not the path: the same weights elsewhere are the same run)
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
 
     @property
     def is_teacher(self) -> bool:
@@ -51,6 +68,8 @@ class RunSpec:
             parts.append(f"a{self.alpha:g}")
         if self.temperature is not None:
             parts.append(f"T{self.temperature:g}")
+        if self.width is not None:
+            parts.append(f"w{self.width:g}")
         parts.append(f"t{self.teacher_seed}")
         if self.student_seed is not None:
             parts.append(f"s{self.student_seed}")
@@ -58,9 +77,9 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        blob = json.dumps(
-            {"format": RUN_FORMAT, **to_dict(self, drop_defaults=True)}, sort_keys=True
-        )
+        fields = to_dict(self, drop_defaults=True)
+        fields.pop("checkpoint", None)
+        blob = json.dumps({"format": RUN_FORMAT, **fields}, sort_keys=True)
         return f"{self.label}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
     def to_dict(self) -> dict:
@@ -83,28 +102,79 @@ class Grid:
 
 
 def expand(cfg: ExperimentConfig) -> Grid:
-    """The full grid: every teacher seed x student seed x condition x (alpha, T)."""
+    """The full grid: every teacher seed x student seed x width x condition x (alpha, T)."""
     teachers, students = [], []
     for t_seed in cfg.protocol.teacher_seeds:
         teacher = _teacher(cfg, t_seed)
         teachers.append(teacher)
         for s_seed in cfg.protocol.student_seeds:
-            for name in cfg.protocol.conditions:
-                for alpha, temp in _settings(cfg, name):
-                    students.append(_student(cfg, teacher, s_seed, name, alpha, temp))
+            for width in cfg.protocol.student_widths or (None,):
+                for name in cfg.protocol.conditions:
+                    for alpha, temp in _settings(cfg, name):
+                        students.append(_student(cfg, teacher, s_seed, name, alpha, temp, width))
     return Grid(tuple(teachers), tuple(students))
 
 
 def _teacher(cfg: ExperimentConfig, seed: int) -> RunSpec:
-    return RunSpec("teacher", seed, None, None, None, seed, seed, cfg.data, cfg.model, cfg.train)
+    # protocol.teacher_data: a teacher trained on other data than its students (the planted
+    # error of PROTOCOL 7.7); the students' data stays cfg.data
+    data, students_data = cfg.data, None
+    if cfg.protocol.teacher_data is not None:
+        data, students_data = cfg.protocol.teacher_data, cfg.data
+    train = cfg.protocol.teacher_train or cfg.train  # protocol.teacher_train: another regime
+    return RunSpec("teacher", seed, None, None, None, seed, seed, data, cfg.model, train,
+                   students_data=students_data, **_checkpoint(cfg))  # fmt: skip
 
 
-def _student(cfg, teacher: RunSpec, seed: int, name: str, alpha, temp) -> RunSpec:
-    init_seed = teacher.init_seed if cfg.self_distillation else seed
+def _checkpoint(cfg: ExperimentConfig) -> dict:
+    """A pretrained teacher's file and sha256 (pinned in the config by `kdaudit run`)."""
+    path = cfg.protocol.teacher_checkpoint
+    if path is None:
+        return {}
+    from kdaudit.models.checkpoint import file_sha256
+
+    return {
+        "checkpoint": path,
+        "checkpoint_sha256": cfg.protocol.teacher_sha256 or file_sha256(path),
+    }
+
+
+def _student(cfg, teacher: RunSpec, seed: int, name: str, alpha, temp, width=None) -> RunSpec:
+    # A pretrained teacher's initial weights are unknown: its students share their own.
+    shared_init = cfg.self_distillation and width is None and not cfg.pretrained_teacher
+    init_seed = teacher.init_seed if shared_init else seed
+    model = cfg.student_model if width is None else scaled_model(cfg, width)
     return RunSpec(
         name, teacher.teacher_seed, seed, alpha, temp, init_seed, seed,
-        cfg.data, cfg.student_model, cfg.train, teacher.run_id,
+        cfg.data, model, cfg.train, teacher.run_id, width=width,
     )  # fmt: skip
+
+
+def scaled_model(cfg: ExperimentConfig, fraction: float):
+    """The student model with its width field at `fraction` of the teacher's width, rounded
+    to the nearest size the architecture allows (a multiple of its declared divisor, e.g.
+    NanoGPT's n_embd a multiple of n_head), and never below one such multiple."""
+    student = cfg.student_model
+    field, divisor = width_field(student.name)
+    teacher_field, _ = width_field(cfg.model.name)
+    base = getattr(cfg.model, teacher_field)
+    step = getattr(student, divisor) if divisor else 1
+    width = max(step, round(base * fraction / step) * step)
+    return replace(student, **{field: int(width)})
+
+
+def width_field(model_name: str) -> tuple[str, str | None]:
+    """(width field, field its width must be a multiple of) from the model registry."""
+    from kdaudit.models import MODELS
+
+    info = MODELS.get(model_name).info
+    if "width" not in info:
+        declared = [n for n in MODELS.names() if "width" in MODELS.get(n).info]
+        raise ConfigError(
+            f"protocol.student_widths: model {model_name!r} declares no width field; "
+            f"models that do: {', '.join(declared)}"
+        )
+    return info["width"], info.get("width_multiple_of")
 
 
 def _settings(cfg: ExperimentConfig, name: str) -> list[tuple[float | None, float | None]]:
@@ -114,15 +184,22 @@ def _settings(cfg: ExperimentConfig, name: str) -> list[tuple[float | None, floa
     return [(a, t) for a in alphas for t in temps]
 
 
+def _capped(train: TrainConfig, max_steps: int) -> TrainConfig:
+    return replace(train, max_steps=min(train.max_steps or max_steps, max_steps))
+
+
 def smoke(cfg: ExperimentConfig, max_steps: int = 40) -> ExperimentConfig:
     """A config's grid and training shrunk to check, in about a minute, that it works:
-    one teacher seed, two student seeds, every condition, at most `max_steps` steps."""
-    steps = min(cfg.train.max_steps or max_steps, max_steps)
+    one teacher seed, two student seeds, every condition, the smallest and largest student
+    width of a capacity grid, at most `max_steps` steps."""
+    widths = cfg.protocol.student_widths
+    teacher_train = cfg.protocol.teacher_train
     protocol = replace(
         cfg.protocol,
         teacher_seeds=cfg.protocol.teacher_seeds[:1],
         student_seeds=cfg.protocol.student_seeds[:2],
+        student_widths=tuple(sorted({min(widths), max(widths)})) if widths else (),
+        teacher_train=None if teacher_train is None else _capped(teacher_train, max_steps),
     )
-    return replace(
-        cfg, name=f"{cfg.name}-smoke", train=replace(cfg.train, max_steps=steps), protocol=protocol
-    )
+    train = _capped(cfg.train, max_steps)
+    return replace(cfg, name=f"{cfg.name}-smoke", train=train, protocol=protocol)

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from kdaudit.protocol import Grid, expand
+from kdaudit.stats import with_width
 from kdaudit.store import RunStore
 
-KEYS = ["run_id", "teacher_seed", "student_seed", "condition", "alpha", "temperature"]
+# width: the student's width as a fraction of the teacher's (capacity grids; NaN elsewhere)
+KEYS = ["run_id", "teacher_seed", "student_seed", "condition", "alpha", "temperature", "width"]
 TEACHER_COLUMNS = ["teacher_seed", "run_id", "train_loss", "train_accuracy", "test_loss",
                    "test_accuracy"]  # fmt: skip
 
@@ -23,11 +26,11 @@ def load_runs(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
         if not _intact(store, spec.run_id):
             continue
         keys = [spec.run_id, spec.teacher_seed, spec.student_seed, spec.condition,
-                spec.alpha, spec.temperature]  # fmt: skip
+                spec.alpha, spec.temperature, spec.width]  # fmt: skip
         for metric, value in _student_metrics(store.record(spec.run_id)).items():
             rows.append([*keys, metric, value])
     frame = pd.DataFrame(rows, columns=[*KEYS, "metric", "value"])
-    return frame.astype({"alpha": float, "temperature": float, "value": float})
+    return frame.astype({"alpha": float, "temperature": float, "width": float, "value": float})
 
 
 def _intact(store: RunStore, run_id: str) -> bool:
@@ -56,8 +59,47 @@ def load_teachers(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
 
 
 def accuracy_by_condition(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, SEM and n of test accuracy per (teacher seed, condition, alpha, T)."""
-    acc = runs[runs.metric == "accuracy"]
-    keys = ["teacher_seed", "condition", "alpha", "temperature"]
+    """Mean, SEM and n of test accuracy per (teacher seed, condition, alpha, T, width)."""
+    acc = with_width(runs[runs.metric == "accuracy"])
+    keys = ["teacher_seed", "condition", "alpha", "temperature", "width"]
     grouped = acc.groupby(keys, dropna=False).value
     return grouped.agg(mean="mean", sem="sem", n="count").reset_index()
+
+
+def targeted_counts(out: str | Path, grid: Grid, data, prompt: str,
+                    completions: tuple[str, ...]) -> pd.DataFrame:  # fmt: skip
+    """Greedy completions of `prompt` in the students' test text (TokenData `data`), per
+    complete run, teachers included: rows (KEYS..., completion, count). A teacher trained on
+    other data (protocol.teacher_data) is run on this text from its stored weights."""
+    from kdaudit.runner import TeacherOutputs
+    from kdaudit.targeted import completion_counts, prompt_rows
+
+    store = RunStore(out)
+    teachers = TeacherOutputs(store, torch.device("cpu"))
+    rows_at = prompt_rows(data.test_tokens.cpu().numpy(), data.vocab, prompt)
+    done = [s for s in grid.students if store.is_complete(s.run_id)]
+    logits = {s.run_id: store.array(s.run_id, "test_logits") for s in done}
+    for student in done:  # each teacher's logits on the students' text, through one student
+        logits.setdefault(student.teacher_id, teachers.student_test_logits(student, data))
+    specs = [*grid.teachers, *done]
+    rows = []
+    for spec in (s for s in specs if s.run_id in logits):
+        counts = completion_counts(logits[spec.run_id], rows_at, data.vocab, completions)
+        keys = [spec.run_id, spec.teacher_seed, spec.student_seed, spec.condition, spec.alpha,
+                spec.temperature, spec.width]  # fmt: skip
+        rows += [[*keys, c, n] for c, n in counts.items()]
+    return pd.DataFrame(rows, columns=[*KEYS, "completion", "count"])
+
+
+def targeted_transfer(out: str | Path, cfg, grid: Grid, data_dir=None) -> pd.DataFrame | None:
+    """targeted_counts for a text grid whose teachers trained on other data than their
+    students (protocol.teacher_data, the planted error); None for any other grid."""
+    from kdaudit.data import load_data
+
+    if cfg.protocol.teacher_data is None:
+        return None
+    data = load_data(cfg.data, Path(data_dir) if data_dir else None)
+    if not hasattr(data, "vocab"):  # character text only: prompts are strings
+        return None
+    options = cfg.analysis
+    return targeted_counts(out, grid, data, options.targeted_prompt, options.targeted_completions)

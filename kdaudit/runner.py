@@ -13,9 +13,10 @@ import torch
 from kdaudit.conditions import build_objective, cached_targets, model_targets
 from kdaudit.metrics import accuracy_and_loss, functional_similarity
 from kdaudit.models import build_model
+from kdaudit.models.checkpoint import load_into, read_state_dict
 from kdaudit.protocol import RunSpec
 from kdaudit.store import RunStore, code_version
-from kdaudit.train import StepHook, evaluate, predict, train
+from kdaudit.train import StepHook, TrainResult, evaluate, predict, train
 
 
 @dataclass
@@ -26,6 +27,7 @@ class TeacherOutputs:
     device: torch.device
     _train: dict[str, torch.Tensor] = field(default_factory=dict)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    _on_students_data: dict[str, np.ndarray] = field(default_factory=dict)
 
     def train_logits(self, teacher_id: str) -> torch.Tensor:  # (N_train, K) on the device
         if teacher_id not in self._train:
@@ -35,6 +37,22 @@ class TeacherOutputs:
 
     def test_logits(self, teacher_id: str) -> np.ndarray:  # (N_test, K), memory-mapped
         return self.store.array(teacher_id, "test_logits")
+
+    def other_data(self, student: RunSpec) -> bool:
+        """The student's teacher trained on other data (protocol.teacher_data)."""
+        return self.store.spec(student.teacher_id).get("students_data") is not None
+
+    def student_test_logits(self, student: RunSpec, data) -> np.ndarray:  # (N_test, K)
+        """The teacher's test logits on the student's test set: the stored ones, or, for a
+        teacher trained on other data, its predictions on `data` (once per teacher)."""
+        if not self.other_data(student):
+            return self.test_logits(student.teacher_id)
+        key = student.teacher_id
+        if key not in self._on_students_data:
+            model = self.model(key, data)
+            logits = predict(model, data, "test", student.train.eval_batch_size)
+            self._on_students_data[key] = logits.numpy()
+        return self._on_students_data[key]
 
     def model(self, teacher_id: str, data) -> torch.nn.Module:
         """The trained teacher, rebuilt from its stored config and weights."""
@@ -64,13 +82,59 @@ def execute(
 ) -> dict:
     """Train the run that `spec` describes and write it to the store; return its record."""
     start = time.perf_counter()
-    device = data.device
-    model = build_model(spec.model, data.input_shape, data.num_classes, spec.init_seed).to(device)
+    if spec.checkpoint is not None:
+        model, result = load_teacher(spec, data), TrainResult(0, 0.0)
+    else:
+        model, objective = build_run(spec, data, teachers)
+        result = train(model, data, objective, spec.train, spec.data_seed, on_step)
+    return finish_run(spec, model, result, data, store, teachers, save_weights, start)
+
+
+def check_models(grid, data) -> None:
+    """Build the grid's teacher (loading its checkpoint) and each student model once, so that
+    user code or a checkpoint that does not fit stops the audit before any run, rather than
+    failing every run alike."""
+    teacher = grid.teachers[0]
+    if teacher.checkpoint is not None:
+        load_teacher(teacher, data)
+    else:
+        build_model(teacher.model, data.input_shape, data.num_classes, teacher.init_seed)
+    for model in {s.model for s in grid.students}:
+        build_model(model, data.input_shape, data.num_classes, 0)
+
+
+def load_teacher(spec: RunSpec, data) -> torch.nn.Module:
+    """A pretrained teacher: the model `spec.model` builds, with the checkpoint's weights."""
+    model = build_model(spec.model, data.input_shape, data.num_classes, spec.init_seed)
+    state = read_state_dict(spec.checkpoint, spec.checkpoint_sha256)
+    load_into(model, state, spec.checkpoint)
+    return model.to(data.device)
+
+
+def build_run(spec: RunSpec, data, teachers: TeacherOutputs):
+    """The run's initial model (on the data's device) and its objective."""
+    if spec.checkpoint is not None:  # never trained: `execute` loads it
+        raise ValueError(f"{spec.run_id} is a pretrained teacher: run it with execute()")
+    model = build_model(spec.model, data.input_shape, data.num_classes, spec.init_seed)
     teacher = _teacher_targets(spec, data, teachers) if _needs_teacher(spec) else None
     objective = build_objective(
         spec.condition, spec.alpha, spec.temperature, data.num_classes, teacher
     )
-    result = train(model, data, objective, spec.train, spec.data_seed, on_step)
+    return model.to(data.device), objective
+
+
+def finish_run(
+    spec: RunSpec,
+    model: torch.nn.Module,
+    result: TrainResult,
+    data,
+    store: RunStore,
+    teachers: TeacherOutputs,
+    save_weights: bool,
+    start: float,  # time.perf_counter() when the run (or its stack) started
+) -> dict:
+    """Evaluate a trained model, compare it with its teacher, write the run; its record."""
+    device = data.device
     batch_size = spec.train.eval_batch_size
     test_logits = predict(model, data, "test", batch_size)  # (N_test, K) fp32
     test_labels = data.labels("test").cpu()
@@ -85,13 +149,18 @@ def execute(
         "metrics": _metrics(train_metrics, accuracy_and_loss(test_logits, test_labels)),
         "steps": result.steps,
         "train_seconds": result.seconds,
+        "engine": result.engine,  # stacking and device speed-ups used
     }
+    if spec.checkpoint is not None:  # loaded, not trained: 0 steps
+        record["pretrained"] = {"checkpoint": spec.checkpoint, "sha256": spec.checkpoint_sha256}
     if not spec.is_teacher:
-        teacher_test = teachers.test_logits(spec.teacher_id)
+        teacher_test = teachers.student_test_logits(spec, data)
         record["similarity"] = functional_similarity(teacher_test, test_logits, test_labels)
     record.update(_provenance(device, time.perf_counter() - start))
     # Without cached outputs, KD students need the teacher itself (a forward pass per batch).
-    keep = save_weights or (spec.is_teacher and not _cached(spec, data))
+    # A teacher trained on other data than its students' runs on their data from its weights.
+    other = spec.is_teacher and spec.students_data is not None
+    keep = save_weights or other or (spec.is_teacher and not _cached(spec, data))
     weights = _weights(model) if keep else None
     store.write(spec, record, arrays, weights)
     return record
@@ -100,7 +169,7 @@ def execute(
 def _teacher_targets(spec: RunSpec, data, teachers: TeacherOutputs):
     """Cached per-example teacher logits, unless the student sees augmented batches or
     random windows (sequences): then the teacher runs on each batch."""
-    if _cached(spec, data):
+    if _cached(spec, data) and not teachers.other_data(spec):
         return cached_targets(teachers.train_logits(spec.teacher_id))
     return model_targets(teachers.model(spec.teacher_id, data))
 

@@ -1,8 +1,10 @@
 """Paired statistics for the transfer decision (PROTOCOL sections 5 and 6).
 
 Input is the tidy run table, one row per run per metric. A *setting* is one
-(teacher_seed, alpha, temperature) of condition "kd"; its runs are paired with the runs of
-each control by student seed, which is what makes the Wilcoxon signed-rank tests paired.
+(teacher_seed, alpha, temperature, width) of condition "kd"; its runs are paired with the
+runs of each control at the same student width by student seed, which is what makes the
+Wilcoxon signed-rank tests paired. `width` (capacity grids) is optional: a table without it
+is one width, NaN.
 Everything here computes at full precision; rounding and formatting belong to the report.
 """
 
@@ -28,9 +30,10 @@ REQUIRED_COLUMNS = (
     "metric",
     "value",
 )
-SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature")
+SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature", "width")
 TREATMENT = "kd"
 # control -> the setting parameters it must share with the KD setting it is compared to
+# (every control also shares the student width)
 CONTROL_MATCH: dict[str, tuple[str, ...]] = {
     "siddo": (),
     "rcd": ("alpha", "temperature"),
@@ -149,6 +152,10 @@ class AnalysisOptions:
     baseline: str = "accuracy"  # best control B by mean accuracy, or "agreement" per bucket
     exclude_controls: tuple[str, ...] = ()  # never used as the asymmetry baseline
     metrics: tuple[str, ...] = (*FUNCTIONAL_METRICS, "accuracy", "loss")
+    # targeted error transfer (text grids with protocol.teacher_data): greedy completions of
+    # this prompt in the test text, counted per completion (the paper: "th" -> "a" / "e")
+    targeted_prompt: str = "th"
+    targeted_completions: tuple[str, ...] = ("a", "e")
 
     def __post_init__(self) -> None:
         # Checked when the config is loaded, not after hours of training.
@@ -167,6 +174,7 @@ class ControlComparison:
     control: str
     n: int  # student seeds present in both the setting and the control
     tests: tuple[PairedTest, ...]
+    width: float = math.nan  # student width fraction (capacity grids)
 
     def test(self, metric: str) -> PairedTest | None:
         return next((t for t in self.tests if t.metric == metric), None)
@@ -177,6 +185,7 @@ class ControlComparison:
             condition=self.condition,
             alpha=self.alpha,
             temperature=self.temperature,
+            width=self.width,
             control=self.control,
         )
         return pd.DataFrame([{**keys, **asdict(t)} for t in self.tests], columns=_TEST_COLUMNS)
@@ -248,6 +257,7 @@ class SettingResult:
     comparisons: tuple[ControlComparison, ...]
     asymmetry: Asymmetry
     note: str = ""
+    width: float = math.nan  # student width fraction (capacity grids)
 
     def comparison(self, control: str) -> ControlComparison | None:
         return next((c for c in self.comparisons if c.control == control), None)
@@ -259,6 +269,7 @@ class SettingResult:
             condition=self.condition,
             alpha=self.alpha,
             temperature=self.temperature,
+            width=self.width,
             n=self.n,
             verdict=self.verdict,
             n_significant=self.n_significant,
@@ -302,9 +313,8 @@ class Analysis:
 
 
 def _with_keys(frame: pd.DataFrame, s: SettingResult) -> pd.DataFrame:
-    keys = dict(
-        teacher_seed=s.teacher_seed, condition=s.condition, alpha=s.alpha, temperature=s.temperature
-    )
+    keys = dict(teacher_seed=s.teacher_seed, condition=s.condition, alpha=s.alpha,
+                temperature=s.temperature, width=s.width)  # fmt: skip
     return frame.assign(**keys)
 
 
@@ -326,12 +336,19 @@ def sem(values: Sequence[float] | np.ndarray) -> float:
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, SEM and n per (teacher_seed, condition, alpha, temperature, metric)."""
+    """Mean, SEM and n per (teacher_seed, condition, alpha, temperature, width, metric)."""
     check_columns(runs)
     keys = [*SETTING_KEYS, "metric"]
-    values = runs.assign(value=runs["value"].astype(np.float64))
+    values = with_width(runs).assign(value=runs["value"].astype(np.float64))
     grouped = values.groupby(keys, dropna=False, sort=True)["value"]
     return grouped.agg(mean="mean", sem=sem, n="count").reset_index()
+
+
+def with_width(runs: pd.DataFrame) -> pd.DataFrame:
+    """The run table with a float `width` column (NaN: not a capacity grid)."""
+    if "width" in runs.columns:
+        return runs.astype({"width": np.float64})
+    return runs.assign(width=np.nan)
 
 
 def check_columns(runs: pd.DataFrame) -> None:
@@ -349,7 +366,7 @@ def analyse(runs: pd.DataFrame, options: AnalysisOptions = AnalysisOptions()) ->
     """Test every KD setting against its paired controls and decide the verdicts."""
     check_columns(runs)
     _check_options(options)
-    runs = runs.assign(value=runs["value"].astype(np.float64))
+    runs = with_width(runs).assign(value=runs["value"].astype(np.float64))
     settings = [_analyse_setting(runs, key, options) for key in _kd_settings(runs)]
     return Analysis(tuple(settings), options)
 
@@ -365,10 +382,11 @@ def _check_options(options: AnalysisOptions) -> None:
         raise ValueError(f"metrics has unknown metrics {unknown}; known: {sorted(BETTER)}")
 
 
-def _kd_settings(runs: pd.DataFrame) -> list[tuple[int, float, float]]:
-    kd = runs.loc[runs["condition"] == TREATMENT, ["teacher_seed", "alpha", "temperature"]]
-    kd = kd.drop_duplicates().sort_values(["teacher_seed", "alpha", "temperature"])
-    return [(int(s), float(a), float(t)) for s, a, t in kd.itertuples(index=False)]
+def _kd_settings(runs: pd.DataFrame) -> list[tuple[int, float, float, float]]:
+    columns = ["teacher_seed", "width", "alpha", "temperature"]
+    kd = runs.loc[runs["condition"] == TREATMENT, columns]
+    kd = kd.drop_duplicates().sort_values(columns)
+    return [(int(s), float(a), float(t), float(w)) for s, w, a, t in kd.itertuples(index=False)]
 
 
 def _select(runs: pd.DataFrame, condition: str, key: Mapping[str, float]) -> pd.DataFrame:
@@ -376,6 +394,8 @@ def _select(runs: pd.DataFrame, condition: str, key: Mapping[str, float]) -> pd.
     for column in CONTROL_MATCH.get(condition, ("alpha", "temperature")):
         # float settings come from configs; compare with a tolerance, never NaN == NaN
         mask &= np.isclose(runs[column].astype(np.float64), key[column], rtol=1e-9, atol=1e-12)
+    # the width is NaN in every run of a grid without a width axis: NaN matches NaN there
+    mask &= np.isclose(runs["width"], key["width"], rtol=1e-9, atol=1e-12, equal_nan=True)
     return runs[mask]
 
 
@@ -389,13 +409,14 @@ def _wide(frame: pd.DataFrame, label: str) -> pd.DataFrame:
 
 
 def _analyse_setting(runs: pd.DataFrame, setting, options: AnalysisOptions) -> SettingResult:
-    teacher_seed, alpha, temperature = setting
-    key = dict(teacher_seed=teacher_seed, alpha=alpha, temperature=temperature)
+    teacher_seed, alpha, temperature, width = setting
+    key = dict(teacher_seed=teacher_seed, alpha=alpha, temperature=temperature, width=width)
     label = f"teacher seed {teacher_seed}, kd alpha={alpha:g}, T={temperature:g}"
+    label += "" if math.isnan(width) else f", width={width:g}"
     kd = _wide(_select(runs, TREATMENT, key), label)
     controls = _control_tables(runs, key, label)
     comparisons = tuple(
-        _compare(kd, wide, name, (teacher_seed, TREATMENT, alpha, temperature), options)
+        _compare(kd, wide, name, (teacher_seed, TREATMENT, alpha, temperature), width, options)
         for name, wide in controls.items()
     )
     verdict, n_sig, rel, notes = _verdict(comparisons, options)
@@ -413,6 +434,7 @@ def _analyse_setting(runs: pd.DataFrame, setting, options: AnalysisOptions) -> S
         comparisons=comparisons,
         asymmetry=asymmetry,
         note="; ".join(notes),
+        width=width,
     )
 
 
@@ -426,7 +448,7 @@ def _control_tables(runs: pd.DataFrame, key, label: str) -> dict[str, pd.DataFra
     return tables
 
 
-def _compare(kd, control, name, keys, options: AnalysisOptions) -> ControlComparison:
+def _compare(kd, control, name, keys, width, options: AnalysisOptions) -> ControlComparison:
     seeds = kd.index.intersection(control.index)
     tests = []
     for metric in options.metrics:
@@ -441,7 +463,7 @@ def _compare(kd, control, name, keys, options: AnalysisOptions) -> ControlCompar
     adjusted_family = apply_fdr([tests[i] for i in family], options.fdr_q)
     for i, adjusted in zip(family, adjusted_family, strict=True):
         tests[i] = adjusted
-    return ControlComparison(*keys, control=name, n=len(seeds), tests=tuple(tests))
+    return ControlComparison(*keys, control=name, n=len(seeds), tests=tuple(tests), width=width)
 
 
 def _verdict(comparisons, options: AnalysisOptions) -> tuple[str, int, float, list[str]]:
@@ -572,3 +594,94 @@ def _undetermined(b_correct: str | None, b_incorrect: str | None) -> Asymmetry:
         test=None,
         n=0,
     )
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+SWEEP_KEYS = ["alpha", "temperature", "width"]
+SWEEP_COLUMNS = [*SWEEP_KEYS, "n", "n_teachers", "delta_correct", "sem_correct"]
+SWEEP_COLUMNS += ["delta_incorrect", "sem_incorrect", "asymmetry", "sem_asymmetry"]
+SWEEP_COLUMNS += ["relative_improvement", "n_transfer"]
+
+
+def delta_sweep(analysis: Analysis) -> pd.DataFrame:
+    """Agreement deltas per KD (alpha, T, width), pooled over teacher seeds: mean, SEM and n of
+    the per-seed d_correct, d_incorrect and their difference (asymmetry, > 0 negative), each
+    (teacher seed, student seed) pair one value; with the mean relative improvement over SIDDO
+    and how many teacher seeds' verdicts found transfer (supported or marginal)."""
+    deltas = analysis.asymmetry_frame()
+    if deltas.empty:
+        return pd.DataFrame(columns=SWEEP_COLUMNS)
+    deltas = deltas.assign(asymmetry=deltas["d_incorrect"] - deltas["d_correct"])
+    grouped = deltas.groupby(SWEEP_KEYS, dropna=False, sort=True)
+    frame = grouped.agg(
+        n=("d_correct", "count"),
+        n_teachers=("teacher_seed", "nunique"),
+        delta_correct=("d_correct", "mean"),
+        sem_correct=("d_correct", sem),
+        delta_incorrect=("d_incorrect", "mean"),
+        sem_incorrect=("d_incorrect", sem),
+        asymmetry=("asymmetry", "mean"),
+        sem_asymmetry=("asymmetry", sem),
+    ).reset_index()
+    return frame.merge(_transfer_by_setting(analysis), on=SWEEP_KEYS, how="left")[SWEEP_COLUMNS]
+
+
+def _transfer_by_setting(analysis: Analysis) -> pd.DataFrame:
+    verdicts = analysis.verdicts_frame()
+    verdicts = verdicts.assign(transfer=verdicts["verdict"].isin(["supported", "marginal"]))
+    grouped = verdicts.groupby(SWEEP_KEYS, dropna=False, sort=True)
+    return grouped.agg(
+        relative_improvement=("relative_improvement", "mean"), n_transfer=("transfer", "sum")
+    ).reset_index()
+
+
+# ----------------------------------------------------------------------------- LS vs RCD
+
+LS_RCD_COLUMNS = ["teacher_seed", "alpha", "width", "metric", "n", "max_abs_paired_diff"]
+LS_RCD_COLUMNS += ["mean_ls", "mean_rcd", "abs_mean_diff"]
+
+
+def ls_rcd_differences(runs: pd.DataFrame) -> pd.DataFrame:
+    """Label smoothing at epsilon = alpha against RCD at the same alpha and T = 1 (where the two
+    losses differ by a constant): per (teacher seed, alpha, width, metric), over the student
+    seeds both have, the largest |LS - RCD| of a paired run and |mean LS - mean RCD|."""
+    runs = with_width(runs)
+    ls = runs[runs["condition"] == "ls"]
+    rcd = runs[(runs["condition"] == "rcd") & np.isclose(runs["temperature"], 1.0)]
+    keys = ["teacher_seed", "alpha", "width", "student_seed", "metric"]
+    pairs = ls[[*keys, "value"]].merge(rcd[[*keys, "value"]], on=keys, suffixes=("_ls", "_rcd"))
+    pairs = pairs[~pairs["metric"].str.startswith("n_teacher")]  # the teacher's, not the run's
+    if pairs.empty:
+        return pd.DataFrame(columns=LS_RCD_COLUMNS)
+    pairs = pairs.assign(abs_diff=(pairs["value_ls"] - pairs["value_rcd"]).abs())
+    grouped = pairs.groupby([k for k in keys if k != "student_seed"], dropna=False, sort=True)
+    frame = grouped.agg(
+        n=("abs_diff", "count"),
+        max_abs_paired_diff=("abs_diff", "max"),
+        mean_ls=("value_ls", "mean"),
+        mean_rcd=("value_rcd", "mean"),
+    ).reset_index()
+    frame["abs_mean_diff"] = (frame["mean_ls"] - frame["mean_rcd"]).abs()
+    return frame[LS_RCD_COLUMNS]
+
+
+# ----------------------------------------------------------------------------- targeted
+
+TARGETED_KEYS = ["teacher_seed", "condition", "alpha", "temperature", "width", "completion"]
+
+
+def targeted_summary(counts: pd.DataFrame) -> pd.DataFrame:
+    """Mean, SEM and n over runs of the prompt-completion counts (results.targeted_counts)
+    per (teacher seed, condition, alpha, T, width, completion); a teacher is one run."""
+    counts = with_width(counts).assign(count=counts["count"].astype(np.float64))
+    grouped = counts.groupby(TARGETED_KEYS, dropna=False, sort=True)["count"]
+    frame = grouped.agg(mean="mean", sem=sem, n="count").reset_index()
+    keys = TARGETED_KEYS[:-1]
+    # one row per run group; every completion is counted in the same runs: one n per row
+    wide = frame.drop_duplicates(keys)[[*keys, "n"]]
+    for completion, part in frame.groupby("completion", sort=False):
+        part = part[[*keys, "mean", "sem"]]
+        names = {"mean": f"{completion}_mean", "sem": f"{completion}_sem"}
+        wide = wide.merge(part.rename(columns=names), on=keys, how="left")
+    return wide.reset_index(drop=True)

@@ -105,7 +105,7 @@ def test_runs_frame_has_the_columns_and_settings_of_stored_runs(audit, tmp_path)
     result = compare(audit.manifest(), tmp_path / "out")
     assert list(result.runs.columns) == [
         "run_id", "teacher_seed", "student_seed", "condition", "alpha", "temperature",
-        "metric", "value",
+        "width", "metric", "value",
     ]  # fmt: skip
     settings = result.runs.drop_duplicates("run_id").set_index("run_id")
     assert settings.loc["kd_a0.5_T1_t0_s10", ["alpha", "temperature"]].tolist() == [0.5, 1.0]

@@ -20,7 +20,7 @@ def test_loads_defaults_and_typed_sections(tiny_config):
         ("model.widht=3", "unknown key 'model.widht'; allowed keys: depth, name, width"),
         ("train.epochs=two", "train.epochs: expected int, got 'two'"),
         ("train.epochs=true", "train.epochs: expected int"),
-        ("model.name=resnet", "unknown model 'resnet'; registered: .*cnn1d, mlp"),
+        ("model.name=resnet", "unknown model 'resnet'; registered: .*cnn1d, .*mlp"),
         ("protocol.conditions=[kd, bogus]", "'bogus' is not allowed; choose one of"),
         ("protocol.alphas=[1.5]", "outside [0, 1]"),
         ("protocol.student_seeds=[0, 10]", "both teacher and student seeds"),

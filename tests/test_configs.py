@@ -31,6 +31,9 @@ SHRINK = {
     "vggish": ["model.channels=[8, 8, 8, 8]"],
     "nanogpt": ["model.n_layer=1", "model.n_embd=48"],
 }
+STUDENT_SHRINK = {  # smaller-student configs: the student model likewise
+    "picogpt": ["protocol.student_model.n_layer=1", "protocol.student_model.n_embd=24"],
+}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=str)
@@ -53,6 +56,7 @@ def test_config_runs_with_smoke(path, tmp_path, capsys, monkeypatch):
                  f"protocol.student_seeds=[{cfg.protocol.student_seeds[0]}]",
                  f"protocol.alphas=[{cfg.protocol.alphas[0]}]"]  # fmt: skip
     overrides += SHRINK.get(cfg.model.name, [])
+    overrides += STUDENT_SHRINK.get(getattr(cfg.protocol.student_model, "name", None), [])
     args = ["run", str(ROOT / path), "--smoke", "--out", str(tmp_path / "out"), "--device", "cpu",
             "--data-dir", str(data_dir)] + [a for o in overrides for a in ("--set", o)]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err

@@ -450,6 +450,7 @@ def test_frames_have_the_documented_columns():
         "condition",
         "alpha",
         "temperature",
+        "width",  # NaN: a table without a width axis
         "n",
         "verdict",
         "n_significant",
@@ -486,6 +487,7 @@ def test_summarise_mean_sem_n():
         "condition",
         "alpha",
         "temperature",
+        "width",
         "metric",
         "mean",
         "sem",

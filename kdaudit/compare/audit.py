@@ -205,10 +205,12 @@ def _runs_frame(spec: Manifest, metrics: dict[ModelRow, dict]) -> pd.DataFrame:
     """The tidy run table of kdaudit.results: one row per student per metric."""
     rows = []
     for s in spec.students:
-        keys = [s.label, s.teacher_seed, s.seed, s.role, _nan(s.alpha), _nan(s.temperature)]
+        # width: no capacity axis in a manifest (NaN, as in a grid without one)
+        keys = [s.label, s.teacher_seed, s.seed, s.role, _nan(s.alpha), _nan(s.temperature),
+                float("nan")]  # fmt: skip
         rows += [[*keys, metric, value] for metric, value in metrics[s].items()]
     frame = pd.DataFrame(rows, columns=[*KEYS, "metric", "value"])
-    return frame.astype({"alpha": float, "temperature": float, "value": float})
+    return frame.astype({"alpha": float, "temperature": float, "width": float, "value": float})
 
 
 def _teachers_frame(spec: Manifest, metrics: dict[ModelRow, dict]) -> pd.DataFrame:

@@ -105,7 +105,7 @@ class TemporalCNN(nn.Module):
         return self.head(self.blocks(x.flatten(1, 2)).mean(dim=2))  # (B, C*M, T) -> (B, K)
 
 
-@MODELS.register("audio_cnn", AudioCNNConfig)
+@MODELS.register("audio_cnn", AudioCNNConfig, width="width")
 def build_audio_cnn(
     cfg: AudioCNNConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -154,6 +154,6 @@ def _layer(cfg: ASTConfig) -> nn.TransformerEncoderLayer:
     )
 
 
-@MODELS.register("ast", ASTConfig)
+@MODELS.register("ast", ASTConfig, width="dim", width_multiple_of="heads")
 def build_ast(cfg: ASTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return AST(cfg, input_shape, num_classes)

@@ -18,7 +18,7 @@ class CNN1DConfig:
     kernel_size: int = 5
 
 
-@MODELS.register("cnn1d", CNN1DConfig)
+@MODELS.register("cnn1d", CNN1DConfig, width="width")
 def build_cnn1d(cfg: CNN1DConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     channels, _length = input_shape  # (C, L)
     layers: list[nn.Module] = []

@@ -99,5 +99,7 @@ def _build(cfg: GPTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
     return GPT(cfg, block_size, num_classes)
 
 
-MODELS.register("nanogpt", GPTConfig)(_build)
-MODELS.register("picogpt", PicoGPTConfig)(_build)
+# `width`: the field capacity scaling (protocol.student_widths) scales; a multiple of n_head
+_WIDTH = dict(width="n_embd", width_multiple_of="n_head")
+MODELS.register("nanogpt", GPTConfig, **_WIDTH)(_build)
+MODELS.register("picogpt", PicoGPTConfig, **_WIDTH)(_build)

@@ -17,7 +17,7 @@ class MLPConfig:
     depth: int = 2  # hidden layers
 
 
-@MODELS.register("mlp", MLPConfig)
+@MODELS.register("mlp", MLPConfig, width="width")
 def build_mlp(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = math.prod(input_shape)

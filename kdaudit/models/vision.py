@@ -78,7 +78,7 @@ for _name, _factory in (("vgg19", tvm.vgg19), ("vgg19_bn", tvm.vgg19_bn)):
     MODELS.register(_name, VGGConfig)(_vgg(_factory))
 
 
-@MODELS.register("vit", ViTConfig)
+@MODELS.register("vit", ViTConfig, width="width", width_multiple_of="heads")
 def build_vit(cfg: ViTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     channels, height, width = input_shape
     if height != width or height % cfg.patch_size:
@@ -92,7 +92,7 @@ def build_vit(cfg: ViTConfig, input_shape: tuple[int, ...], num_classes: int) ->
     return model
 
 
-@MODELS.register("cnn", CNNConfig)
+@MODELS.register("cnn", CNNConfig, width="width")
 def build_cnn(cfg: CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: list[nn.Module] = []
     channels, width = input_shape[0], cfg.width

@@ -51,6 +51,7 @@ def _panel(ax, settings: list[SettingResult], seed: int) -> None:
 
 def _tick(s: SettingResult, show_t: bool) -> str:
     label = f"α={s.alpha:g}" + (f"\nT={s.temperature:g}" if show_t else "")
+    label += "" if fmt.is_missing(s.width) else f"\nw={s.width:g}"
     a = s.asymmetry
     baseline = a.baseline_correct
     if a.baseline_incorrect != a.baseline_correct:
@@ -62,3 +63,40 @@ def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
+
+
+AXIS_LABELS = {"temperature": "temperature T", "width": "student width (fraction of teacher's)"}
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def delta_curves(sweep, axis: str) -> bytes:
+    """Δcorrect and Δincorrect (mean ± SEM, pooled over teacher seeds) against one grid axis
+    (temperature or width), one panel per alpha; `sweep` is stats.delta_sweep's frame. When
+    the other axis varies too, each of its values gets its own line style."""
+    alphas = sorted(sweep["alpha"].unique())
+    fig = Figure(figsize=(max(4.5, 3.3 * len(alphas)), 3.6), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, max(1, len(alphas)), sharey=True, squeeze=False)[0]
+    for ax, alpha in zip(axes, alphas, strict=False):
+        _curves(ax, sweep[sweep["alpha"] == alpha], axis)
+        ax.set_title(f"α={alpha:g}", fontsize=10)
+        ax.set_xlabel(AXIS_LABELS[axis])
+    axes[0].set_ylabel("agreement(KD) − agreement(B)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=4, frameon=False, fontsize=9)
+    return _png(fig)
+
+
+def _curves(ax, rows, axis: str) -> None:
+    other = "width" if axis == "temperature" else "temperature"
+    groups = list(rows.groupby(other, dropna=False, sort=True))
+    for i, (value, group) in enumerate(groups):
+        group = group.sort_values(axis)
+        suffix = f" ({other[0]}={value:g})" if len(groups) > 1 else ""
+        for bucket in ("correct", "incorrect"):
+            ax.errorbar(group[axis], group[f"delta_{bucket}"],
+                        yerr=np.nan_to_num(group[f"sem_{bucket}"].to_numpy(float)),
+                        color=COLORS[bucket], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                        marker="o", markersize=4, capsize=3, label=f"Δ{bucket}{suffix}")  # fmt: skip
+    ax.set_xticks(sorted(rows[axis].unique()))
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    ax.grid(alpha=0.3)

@@ -57,14 +57,19 @@ def metric_label(metric: str, arrow: bool = True) -> str:
     return f"{label} {ARROWS[BETTER[metric]]}" if arrow and metric in BETTER else label
 
 
-def condition_label(condition: str, alpha: float, temperature: float, show_t: bool) -> str:
-    """Column label: 'siddo', 'kd α=0.5, T=1', 'rcd α=0.5', 'ls α=0.1'."""
+def condition_label(
+    condition: str, alpha: float, temperature: float, show_t: bool, width: float = math.nan
+) -> str:
+    """Column label: 'siddo', 'kd α=0.5, T=1', 'rcd α=0.5', 'ls α=0.1', 'kd α=0.5, w=0.3'."""
     parts = [] if is_missing(alpha) else [f"α={alpha:g}"]
     if show_t and not is_missing(temperature):
         parts.append(f"T={temperature:g}")
+    if not is_missing(width):
+        parts.append(f"w={width:g}")
     return f"{condition} {', '.join(parts)}" if parts else condition
 
 
-def setting_text(alpha: float, temperature: float) -> str:
-    """Plain-text setting for sentences: 'alpha=0.5, T=1'."""
-    return f"alpha={alpha:g}, T={temperature:g}"
+def setting_text(alpha: float, temperature: float, width: float = math.nan) -> str:
+    """Plain-text setting for sentences: 'alpha=0.5, T=1' (', width=0.3' in capacity grids)."""
+    text = f"alpha={alpha:g}, T={temperature:g}"
+    return text if is_missing(width) else f"{text}, width={width:g}"

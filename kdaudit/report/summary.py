@@ -41,10 +41,10 @@ def summary_json(
 
 def _conditions(summary: pd.DataFrame, counts: dict[tuple, int]) -> list[dict]:
     out = []
-    for (seed, condition, alpha, temperature), group in summary.groupby(
+    for (seed, condition, alpha, temperature, width), group in summary.groupby(
         list(SETTING_KEYS), dropna=False, sort=True
     ):
-        key = (int(seed), condition, _none(alpha), _none(temperature))
+        key = (int(seed), condition, _none(alpha), _none(temperature), _none(width))
         means = dict(zip(group["metric"], group["mean"], strict=True))
         out.append(
             dict(
@@ -52,6 +52,7 @@ def _conditions(summary: pd.DataFrame, counts: dict[tuple, int]) -> list[dict]:
                 condition=condition,
                 alpha=alpha,
                 temperature=temperature,
+                width=width,
                 n=counts.get(key, 0),
                 means=means,
             )

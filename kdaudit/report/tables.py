@@ -10,7 +10,7 @@ import pandas as pd
 from kdaudit.metrics import BETTER, FUNCTIONAL_METRICS
 from kdaudit.report import fmt
 from kdaudit.report.blocks import Table
-from kdaudit.stats import CONTROLS, SETTING_KEYS, Analysis, ControlComparison
+from kdaudit.stats import CONTROLS, SETTING_KEYS, Analysis, ControlComparison, with_width
 
 TEACHER_COLUMNS = ("teacher_seed", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 CONDITION_ORDER = ("siddo", "kd", "rcd", "ls")
@@ -21,9 +21,9 @@ TEACHER_COUNTS = {
 MARKS = {"significant": "✓", "not": "·", "all_zero": "0", "missing": fmt.MISSING}
 
 
-def _key(condition: str, alpha: float, temperature: float) -> tuple:
+def _key(condition: str, alpha: float, temperature: float, width: float = math.nan) -> tuple:
     """A hashable condition key (NaN never equals itself, so it becomes None)."""
-    return (condition, _none(alpha), _none(temperature))
+    return (condition, _none(alpha), _none(temperature), _none(width))
 
 
 def _none(x):
@@ -31,16 +31,25 @@ def _none(x):
 
 
 def _condition_sort(key: tuple) -> tuple:
-    condition, alpha, temperature = key
+    condition, alpha, temperature, width = key
     rank = (
         CONDITION_ORDER.index(condition) if condition in CONDITION_ORDER else len(CONDITION_ORDER)
     )
-    return (
-        rank,
-        condition,
-        -1.0 if alpha is None else alpha,
-        -1.0 if temperature is None else temperature,
-    )
+    return (_order(width), rank, condition, _order(alpha), _order(temperature))
+
+
+def _order(x) -> float:
+    return -1.0 if x is None else x
+
+
+def _label(key: tuple, show_t: bool) -> str:
+    """The display label of a condition key (condition, alpha, T, width)."""
+    condition, alpha, temperature, width = key
+    return fmt.condition_label(condition, alpha, temperature, show_t, _nan(width))
+
+
+def _nan(x) -> float:
+    return math.nan if x is None else x
 
 
 def metric_order(metrics) -> list[str]:
@@ -52,8 +61,16 @@ def metric_order(metrics) -> list[str]:
 
 def run_counts(runs: pd.DataFrame) -> dict[tuple, int]:
     """Runs per (teacher_seed, condition key)."""
-    grouped = runs.groupby(list(SETTING_KEYS), dropna=False)["run_id"].nunique()
-    return {(int(s), *_key(c, a, t)): int(n) for (s, c, a, t), n in grouped.items()}
+    grouped = with_width(runs).groupby(list(SETTING_KEYS), dropna=False)["run_id"].nunique()
+    return {(int(s), *_key(c, a, t, w)): int(n) for (s, c, a, t, w), n in grouped.items()}
+
+
+def table_groups(summary: pd.DataFrame) -> list[tuple[int, float]]:
+    """(teacher seed, width) of each summary table: one per teacher seed, and per width in
+    capacity grids (ten widths of seven conditions would not fit one table)."""
+    pairs = summary[["teacher_seed", "width"]].drop_duplicates()
+    keys = {(int(s), _none(w)) for s, w in pairs.itertuples(index=False)}
+    return [(s, _nan(w)) for s, w in sorted(keys, key=lambda k: (k[0], _order(k[1])))]
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -88,18 +105,22 @@ def teachers_table(frame: pd.DataFrame) -> Table:
 # ----------------------------------------------------------------------------- mean ± SEM
 
 
-def summary_table(summary: pd.DataFrame, counts: dict[tuple, int], seed: int) -> Table:
+def summary_table(
+    summary: pd.DataFrame, counts: dict[tuple, int], seed: int, width: float = math.nan
+) -> Table:
     """Rows = metrics, columns = conditions; best mean in bold, n in the column header."""
     s = summary[summary["teacher_seed"] == seed]
+    s = s[np.isclose(s["width"].astype(float), width, equal_nan=True)]
     cells = {
-        (*_key(r.condition, r.alpha, r.temperature), r.metric): (r.mean, r.sem)
+        (*_key(r.condition, r.alpha, r.temperature, r.width), r.metric): (r.mean, r.sem)
         for r in s.itertuples(index=False)
     }
-    columns = sorted({k[:3] for k in cells}, key=_condition_sort)
+    columns = sorted({k[:4] for k in cells}, key=_condition_sort)
     show_t = len({k[2] for k in columns if k[2] is not None}) > 1
+    # the width is the table's, in its caption: column labels leave it out
     headers = [
-        f"{fmt.condition_label(c, a, t, show_t or c == 'kd')} (n={counts.get((seed, c, a, t), 0)})"
-        for c, a, t in columns
+        f"{_label((c, a, t, None), show_t or c == 'kd')} (n={counts.get((seed, c, a, t, w), 0)})"
+        for c, a, t, w in columns
     ]
     metrics = metric_order(s["metric"].unique())
     text = pd.DataFrame([_summary_row(cells, columns, m) for m in metrics], columns=headers)
@@ -107,7 +128,11 @@ def summary_table(summary: pd.DataFrame, counts: dict[tuple, int], seed: int) ->
     text.insert(0, "metric", [fmt.metric_label(m) for m in metrics])
     bold.insert(0, "metric", False)
     caption = f"Teacher seed {seed}: mean ± SEM over runs (best mean in bold)"
-    return Table(f"summary_seed{seed}", caption, text, bold=bold)
+    name = f"summary_seed{seed}"
+    if not fmt.is_missing(width):
+        caption = f"Teacher seed {seed}, student width {width:g}: mean ± SEM over runs (best mean in bold)"
+        name += f"_w{width:g}"
+    return Table(name, caption, text, bold=bold)
 
 
 def _summary_row(cells, columns, metric) -> list[str]:
@@ -129,13 +154,14 @@ def _best_row(cells, columns, metric) -> list[bool]:
 # ----------------------------------------------------------------------------- significance
 
 
-def _setting_keys(analysis: Analysis) -> list[tuple[float, float]]:
-    return sorted({(s.alpha, s.temperature) for s in analysis.settings})
+def _setting_keys(analysis: Analysis) -> list[tuple[float, float, float | None]]:
+    keys = {(s.alpha, s.temperature, _none(s.width)) for s in analysis.settings}
+    return sorted(keys, key=lambda k: (_order(k[2]), k[0], k[1]))
 
 
 def _comparisons(analysis: Analysis) -> dict[tuple, ControlComparison]:
     return {
-        (c.teacher_seed, c.alpha, c.temperature, c.control): c
+        (c.teacher_seed, c.alpha, c.temperature, _none(c.width), c.control): c
         for s in analysis.settings
         for c in s.comparisons
     }
@@ -147,12 +173,13 @@ def significance_table(analysis: Analysis) -> Table:
     found = _comparisons(analysis)
     metrics = list(analysis.options.metrics)
     text_rows, title_rows = [], []
-    for alpha, temperature in _setting_keys(analysis):
+    for alpha, temperature, width in _setting_keys(analysis):
         for control in CONTROLS:
-            keys = [(seed, alpha, temperature, control) for seed in seeds]
+            keys = [(seed, alpha, temperature, width, control) for seed in seeds]
             if not any(k in found for k in keys):
                 continue
-            label = f"{fmt.condition_label('kd', alpha, temperature, True)} vs {fmt.control_name(control)}"
+            setting = _label(("kd", alpha, temperature, width), True)
+            label = f"{setting} vs {fmt.control_name(control)}"
             marks = [_marks(found, keys, m) for m in metrics]
             text_rows.append([label, *(m[0] for m in marks)])
             title_rows.append([label, *(m[1] for m in marks)])
@@ -191,12 +218,7 @@ def pvalues_table(analysis: Analysis) -> Table:
     text = pd.DataFrame(
         {
             "teacher seed": frame["teacher_seed"].map(str),
-            "setting": [
-                fmt.condition_label(c, a, t, True)
-                for c, a, t in zip(
-                    frame["condition"], frame["alpha"], frame["temperature"], strict=True
-                )
-            ],
+            "setting": _setting_labels(frame),
             "control": frame["control"].map(fmt.control_name),
             "metric": frame["metric"].map(fmt.metric_label),
             "n": frame["n"].map(str),
@@ -225,12 +247,7 @@ def verdicts_table(analysis: Analysis) -> Table:
     text = pd.DataFrame(
         {
             "teacher seed": frame["teacher_seed"].map(str),
-            "setting": [
-                fmt.condition_label(c, a, t, True)
-                for c, a, t in zip(
-                    frame["condition"], frame["alpha"], frame["temperature"], strict=True
-                )
-            ],
+            "setting": _setting_labels(frame),
             "n": frame["n"].map(str),
             "verdict": frame["verdict"].str.replace("_", " "),
             "significant": frame["n_significant"].map(lambda k: f"{k}/{n_functional}"),
@@ -246,6 +263,11 @@ def verdicts_table(analysis: Analysis) -> Table:
     return Table("verdicts", "Verdicts per setting", text)
 
 
+def _setting_labels(frame: pd.DataFrame) -> list[str]:
+    columns = [frame[c] for c in ("condition", "alpha", "temperature", "width")]
+    return [fmt.condition_label(c, a, t, True, w) for c, a, t, w in zip(*columns, strict=True)]
+
+
 def deltas_table(analysis: Analysis) -> Table:
     rows = []
     for s in analysis.settings:
@@ -253,7 +275,7 @@ def deltas_table(analysis: Analysis) -> Table:
         rows.append(
             [
                 str(s.teacher_seed),
-                fmt.condition_label(s.condition, s.alpha, s.temperature, True),
+                fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width),
                 fmt.baseline_name(a.baseline_correct, a.baseline_incorrect) if a.n else fmt.MISSING,
                 f"{fmt.signed(a.delta_correct)} ± {fmt.num(a.sem_correct, 2)}",
                 f"{fmt.signed(a.delta_incorrect)} ± {fmt.num(a.sem_incorrect, 2)}",
@@ -271,8 +293,122 @@ def runs_table(counts: dict[tuple, int]) -> Table:
     seeds = sorted({k[0] for k in counts})
     keys = sorted({k[1:] for k in counts}, key=_condition_sort)
     rows = [
-        [fmt.condition_label(*key, True), *(str(counts.get((seed, *key), 0)) for seed in seeds)]
-        for key in keys
+        [_label(key, True), *(str(counts.get((seed, *key), 0)) for seed in seeds)] for key in keys
     ]
     headers = ["condition", *(f"teacher seed {seed}" for seed in seeds)]
     return Table("runs", "Runs per condition (n)", pd.DataFrame(rows, columns=headers))
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def sweep_table(sweep: pd.DataFrame, axis: str) -> Table:
+    """One row per (alpha, axis value): the agreement deltas pooled over teacher seeds."""
+    sweep = sweep.sort_values(["alpha", *([] if axis == "width" else ["width"]), axis])
+    text = pd.DataFrame({"α": sweep["alpha"].map(lambda a: f"{a:g}")})
+    for column in ("temperature", "width"):
+        if column == axis or sweep[column].nunique() > 1:
+            text[column.replace("temperature", "T")] = sweep[column].map(fmt.num)
+    text["n"] = sweep["n"].map(str)
+    for label, mean, err in (("Δcorrect", "delta_correct", "sem_correct"),
+                             ("Δincorrect", "delta_incorrect", "sem_incorrect"),
+                             ("Δincorrect − Δcorrect", "asymmetry", "sem_asymmetry")):  # fmt: skip
+        pairs = zip(sweep[mean], sweep[err], strict=True)
+        text[f"{label} ± SEM"] = [f"{fmt.signed(m)} ± {fmt.num(e, 2)}" for m, e in pairs]
+    text["improvement over SIDDO"] = sweep["relative_improvement"].map(fmt.pct)
+    text["teacher seeds with transfer"] = [
+        f"{int(k)}/{int(n)}" for k, n in zip(sweep["n_transfer"], sweep["n_teachers"], strict=True)
+    ]
+    caption = (f"Agreement deltas against {AXIS_NAMES[axis]}: mean ± SEM over every paired "
+               "(teacher seed, student seed); transfer = a supported or marginal verdict")  # fmt: skip
+    return Table(f"sweep_{axis}", caption, text)
+
+
+AXIS_NAMES = {"temperature": "temperature", "width": "student width"}
+
+
+# ----------------------------------------------------------------------------- LS vs RCD
+
+
+def ls_rcd_table(frame: pd.DataFrame) -> Table:
+    """Per (teacher seed, alpha, width): the metric with the largest paired |LS - RCD|."""
+    rows = []
+    keys = ["teacher_seed", "alpha", "width"]
+    for (seed, alpha, width), group in frame.groupby(keys, dropna=False, sort=True):
+        paired = group.loc[group["max_abs_paired_diff"].idxmax()]
+        means = group.loc[group["abs_mean_diff"].idxmax()]
+        rows.append([str(seed), fmt.condition_label("", alpha, math.nan, False, width).strip(),
+                     str(int(paired["n"])), fmt.metric_label(paired["metric"], arrow=False),
+                     fmt.num(paired["max_abs_paired_diff"], 3),
+                     fmt.metric_label(means["metric"], arrow=False),
+                     fmt.num(means["abs_mean_diff"], 3)])  # fmt: skip
+    headers = ["teacher seed", "setting", "n", "metric (paired)", "largest |LS − RCD|",
+               "metric (means)", "largest |mean LS − mean RCD|"]  # fmt: skip
+    caption = ("Label smoothing (ε = α) against RCD (α, T = 1): the largest difference over "
+               "every metric, on a paired run and between the means")  # fmt: skip
+    return Table("ls_vs_rcd", caption, pd.DataFrame(rows, columns=headers))
+
+
+# ----------------------------------------------------------------------------- targeted
+
+
+def targeted_table(frame: pd.DataFrame, options) -> Table:
+    """Rows = teachers and conditions, columns = mean ± SEM count per completion."""
+    completions = options.targeted_completions
+    keys = [_key(c, a, t, w) for c, a, t, w in
+            zip(frame["condition"], frame["alpha"], frame["temperature"], frame["width"],
+                strict=True)]  # fmt: skip
+    order = sorted(range(len(frame)), key=lambda i: (frame["teacher_seed"].iat[i],
+                                                     _teacher_first(keys[i])))  # fmt: skip
+    rows = []
+    for i in order:
+        cells = [f"{fmt.num(frame[f'{c}_mean'].iat[i])} ± {fmt.num(frame[f'{c}_sem'].iat[i], 2)}"
+                 for c in completions]  # fmt: skip
+        rows.append([str(frame["teacher_seed"].iat[i]), _label(keys[i], True),
+                     str(int(frame["n"].iat[i])), *cells])  # fmt: skip
+    prompt = options.targeted_prompt
+    headers = ["teacher seed", "model", "n", *(f'"{prompt}" → "{c}"' for c in completions)]
+    caption = (f'Targeted error transfer: "{prompt}" prompts in the clean test text completed '
+               "(greedy) with each character, mean ± SEM over runs")  # fmt: skip
+    return Table("targeted", caption, pd.DataFrame(rows, columns=headers))
+
+
+def _teacher_first(key: tuple) -> tuple:
+    return (0,) if key[0] == "teacher" else (1, *_condition_sort(key))
+
+
+# ----------------------------------------------------------------------------- teacher regime
+
+TEACHER_TRANSFER_COLUMNS = ["teacher_seed", "train_loss", "train_accuracy", "test_accuracy",
+                            "alpha", "temperature", "width", "n", "delta_correct",
+                            "delta_incorrect", "relative_improvement", "verdict"]  # fmt: skip
+
+
+def teacher_transfer_frame(teachers: pd.DataFrame, analysis: Analysis) -> pd.DataFrame:
+    """Each teacher's train loss beside the transfer its KD settings produced (the
+    teacher-regime question: does a teacher with a higher train loss transfer more?)."""
+    verdicts = analysis.verdicts_frame()
+    if verdicts.empty or teachers.empty:
+        return pd.DataFrame(columns=TEACHER_TRANSFER_COLUMNS)
+    own = teachers[["teacher_seed", "train_loss", "train_accuracy", "test_accuracy"]]
+    frame = own.merge(verdicts, on="teacher_seed", how="inner")
+    return frame[TEACHER_TRANSFER_COLUMNS].sort_values(["teacher_seed", "width", "alpha"])
+
+
+def teacher_transfer_table(frame: pd.DataFrame) -> Table:
+    text = pd.DataFrame(
+        {
+            "teacher seed": frame["teacher_seed"].map(str),
+            "teacher train loss": frame["train_loss"].map(fmt.num),
+            "teacher test accuracy": frame["test_accuracy"].map(fmt.num),
+            "setting": [fmt.condition_label("kd", a, t, True, w) for a, t, w in
+                        zip(frame["alpha"], frame["temperature"], frame["width"], strict=True)],
+            "n": frame["n"].map(str),
+            "Δcorrect": frame["delta_correct"].map(fmt.signed),
+            "Δincorrect": frame["delta_incorrect"].map(fmt.signed),
+            "improvement over SIDDO": frame["relative_improvement"].map(fmt.pct),
+            "verdict": frame["verdict"].str.replace("_", " "),
+        }
+    )  # fmt: skip
+    caption = "Each teacher's train loss beside the transfer it produced"
+    return Table("teacher_transfer", caption, text)

@@ -22,7 +22,7 @@ def verdict_lines(analysis: Analysis) -> list[str]:
 
 
 def verdict_sentence(s: SettingResult, options: AnalysisOptions) -> str:
-    head = f"Teacher seed {s.teacher_seed}, KD {fmt.setting_text(s.alpha, s.temperature)}"
+    head = f"Teacher seed {s.teacher_seed}, KD {fmt.setting_text(s.alpha, s.temperature, s.width)}"
     return f"{head}: {_transfer(s, options)}; {_asymmetry(s.asymmetry, s.n, options)}."
 
 
@@ -85,3 +85,22 @@ def protocol_notes(options: AnalysisOptions) -> list[str]:
         f"±{options.asymmetry_tolerance:g}; tested with a one-sided Wilcoxon test of the "
         f"per-seed Δincorrect − Δcorrect (greater) at {options.alpha_level:g}.",
     ]
+
+
+def ls_rcd_sentence(frame) -> str:
+    """The largest LS-vs-RCD difference over every metric, alpha and teacher seed, paired and
+    between means (`frame`: stats.ls_rcd_differences)."""
+    paired = frame.loc[frame["max_abs_paired_diff"].idxmax()]
+    means = frame.loc[frame["abs_mean_diff"].idxmax()]
+    return (
+        "Label smoothing at ε = α against RCD at the same α and T = 1 (equal losses up to a "
+        f"constant): the largest difference of any metric on a paired run is "
+        f"{fmt.num(paired['max_abs_paired_diff'], 3)} ({_where(paired)}); between the means "
+        f"over seeds it is {fmt.num(means['abs_mean_diff'], 3)} ({_where(means)})."
+    )
+
+
+def _where(row) -> str:
+    width = "" if fmt.is_missing(row["width"]) else f", width {row['width']:g}"
+    return (f"{fmt.metric_label(row['metric'], arrow=False)}, α={row['alpha']:g}, teacher seed "
+            f"{row['teacher_seed']}{width}, n={int(row['n'])} pairs")  # fmt: skip
