@@ -89,12 +89,18 @@ class ProtocolConfig:
     # sha256 of that file: filled in by `kdaudit run` and saved in experiment.yaml (the run
     # ids depend on it, not on the path); set it to refuse any other file.
     teacher_sha256: str | None = None
+    # Feature-map conditions (fmkd, fmrc): the student modules whose outputs are matched
+    # (names from model.named_modules(), e.g. blocks.4), and the teacher's module for each
+    # where its names differ (empty: the same names).
+    feature_modules: tuple[str, ...] = ()
+    teacher_feature_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from kdaudit.conditions import CONDITIONS
 
         for name in self.conditions:
             _check_choice("protocol.conditions", name, tuple(CONDITIONS.names()))
+        self._check_features()
         if "teacher" in self.conditions:
             raise ConfigError("protocol.conditions: 'teacher' runs are implied; list students only")
         for a in self.alphas:
@@ -118,6 +124,28 @@ class ProtocolConfig:
                 "protocol.teacher_seeds: a pretrained teacher (protocol.teacher_checkpoint) is "
                 f"one teacher; give one seed, e.g. teacher_seeds: [0] (got {list(self.teacher_seeds)})"
             )
+
+    def _check_features(self) -> None:
+        from kdaudit.conditions import feature_condition
+
+        named = [c for c in self.conditions if feature_condition(c)]
+        if named and not self.feature_modules:
+            raise ConfigError(
+                f"protocol.feature_modules: conditions {named} match features at named modules; "
+                "list them, e.g. feature_modules: [blocks.4, blocks.5]"
+            )
+        teacher = self.teacher_feature_modules
+        if teacher and len(teacher) != len(self.feature_modules):
+            raise ConfigError(
+                "protocol.teacher_feature_modules: give one teacher module per entry of "
+                f"protocol.feature_modules ({len(self.feature_modules)}), got {len(teacher)}"
+            )
+
+    @property
+    def feature_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(student module, teacher module) per matched feature."""
+        teacher = self.teacher_feature_modules or self.feature_modules
+        return tuple(zip(self.feature_modules, teacher, strict=True))
 
 
 @dataclass(frozen=True)

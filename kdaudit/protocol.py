@@ -9,7 +9,9 @@ Pairing rules, all in `_student`:
 - a pretrained teacher (protocol.teacher_checkpoint) is loaded, not trained; its initial
   weights are unknown, so its students follow the smaller-student rule whatever their size.
 So for one (teacher seed, student seed) every condition gets the same init and the same
-minibatches; only the objective differs.
+minibatches; only the objective differs. Feature-map conditions (fmkd, fmrc) too: their
+projections and fixed random targets come from generators of their own, never from the
+global RNG stream that draws dropout masks (kdaudit.features).
 
 Capacity scaling (`protocol.student_widths`) adds a grid axis: the student's width field (the
 one its model registry entry declares) set to a fraction of the teacher's. Every width is a
@@ -24,7 +26,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kdaudit.conditions import CONDITIONS
+from kdaudit.conditions import CONDITIONS, feature_condition
 from kdaudit.config import ConfigError, ExperimentConfig, TrainConfig, to_dict
 
 # Bump when a change to the engine changes what a run computes: old runs are not reused.
@@ -56,6 +58,8 @@ class RunSpec:
     # the sha256, not the path: the same weights elsewhere are the same run)
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
+    # feature-map conditions: (student module, teacher module) pairs matched (else empty)
+    feature_modules: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_teacher(self) -> bool:
@@ -144,9 +148,10 @@ def _student(cfg, teacher: RunSpec, seed: int, name: str, alpha, temp, width=Non
     shared_init = cfg.self_distillation and width is None and not cfg.pretrained_teacher
     init_seed = teacher.init_seed if shared_init else seed
     model = cfg.student_model if width is None else scaled_model(cfg, width)
+    features = cfg.protocol.feature_pairs if feature_condition(name) else ()
     return RunSpec(
         name, teacher.teacher_seed, seed, alpha, temp, init_seed, seed,
-        cfg.data, model, cfg.train, teacher.run_id, width=width,
+        cfg.data, model, cfg.train, teacher.run_id, width=width, feature_modules=features,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from kdaudit.conditions import build_objective, cached_targets, model_targets
+from kdaudit.features import PROBE, FeatureSetup, find_modules
 from kdaudit.metrics import accuracy_and_loss, functional_similarity
 from kdaudit.models import build_model
 from kdaudit.models.checkpoint import load_into, read_state_dict
@@ -66,9 +67,15 @@ class TeacherOutputs:
         from kdaudit.config import parse_registered
 
         spec = self.store.spec(teacher_id)
+        path = self.store.runs / teacher_id / "weights.safetensors"
+        if not path.is_file():  # a teacher stored before a grid that needs its weights
+            raise FileNotFoundError(
+                f"teacher {teacher_id} has no stored weights, which these students need; "
+                "delete its run directory to retrain it (its weights are then kept)"
+            )
         cfg = parse_registered("model", spec["model"])
         model = build_model(cfg, data.input_shape, data.num_classes, spec["init_seed"])
-        model.load_state_dict(load_file(self.store.runs / teacher_id / "weights.safetensors"))
+        model.load_state_dict(load_file(path))
         return model.to(self.device)
 
 
@@ -101,6 +108,22 @@ def check_models(grid, data) -> None:
         build_model(teacher.model, data.input_shape, data.num_classes, teacher.init_seed)
     for model in {s.model for s in grid.students}:
         build_model(model, data.input_shape, data.num_classes, 0)
+    _check_feature_modules(grid, data)
+
+
+def _check_feature_modules(grid, data) -> None:
+    """Feature-map students name modules of both models: check the names before any run."""
+    teachers = {t.run_id: t.model for t in grid.teachers}
+    features = [s for s in grid.students if s.feature_modules]
+    for student, teacher, pairs in {(s.model, teachers[s.teacher_id], s.feature_modules)
+                                    for s in features}:  # fmt: skip
+        _check_names(student, tuple(s for s, _ in pairs), "student", data)
+        _check_names(teacher, tuple(t for _, t in pairs), "teacher", data)
+
+
+def _check_names(model_cfg, names: tuple[str, ...], role: str, data) -> None:
+    model = build_model(model_cfg, data.input_shape, data.num_classes, 0)
+    find_modules(model, names, role)
 
 
 def load_teacher(spec: RunSpec, data) -> torch.nn.Module:
@@ -116,11 +139,12 @@ def build_run(spec: RunSpec, data, teachers: TeacherOutputs):
     if spec.checkpoint is not None:  # never trained: `execute` loads it
         raise ValueError(f"{spec.run_id} is a pretrained teacher: run it with execute()")
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.init_seed)
+    model = model.to(data.device)
     teacher = _teacher_targets(spec, data, teachers) if _needs_teacher(spec) else None
     objective = build_objective(
-        spec.condition, spec.alpha, spec.temperature, data.num_classes, teacher
+        spec.condition, spec.alpha, spec.temperature, data.num_classes, teacher, model
     )
-    return model.to(data.device), objective
+    return model, objective
 
 
 def finish_run(
@@ -168,10 +192,20 @@ def finish_run(
 
 def _teacher_targets(spec: RunSpec, data, teachers: TeacherOutputs):
     """Cached per-example teacher logits, unless the student sees augmented batches or
-    random windows (sequences): then the teacher runs on each batch."""
+    random windows (sequences): then the teacher runs on each batch. Feature-map conditions
+    get the teacher model itself (kdaudit.features)."""
+    if spec.feature_modules:
+        return _feature_setup(spec, data, teachers)
     if _cached(spec, data) and not teachers.other_data(spec):
         return cached_targets(teachers.train_logits(spec.teacher_id))
     return model_targets(teachers.model(spec.teacher_id, data))
+
+
+def _feature_setup(spec: RunSpec, data, teachers: TeacherOutputs) -> FeatureSetup:
+    idx = torch.arange(min(PROBE, data.n_train), device=data.device)
+    probe, _ = data.train_batch(idx, "none")  # (P, ...): unaugmented, no random draws
+    teacher = teachers.model(spec.teacher_id, data)
+    return FeatureSetup(teacher, spec.feature_modules, probe, spec.init_seed, spec.data_seed)
 
 
 def _cached(spec: RunSpec, data) -> bool:

@@ -1,9 +1,13 @@
 """Paired statistics for the transfer decision (PROTOCOL sections 5 and 6).
 
 Input is the tidy run table, one row per run per metric. A *setting* is one
-(teacher_seed, alpha, temperature, width) of condition "kd"; its runs are paired with the
-runs of each control at the same student width by student seed, which is what makes the
-Wilcoxon signed-rank tests paired. `width` (capacity grids) is optional: a table without it
+(teacher_seed, alpha, temperature, width) of a treatment condition ("kd", "fmkd"); its runs
+are paired with the runs of each of its controls at the same student width by student seed,
+which is what makes the Wilcoxon signed-rank tests paired. Which controls a treatment has,
+and which setting parameters each shares with it, is a `Designs` table: by default the
+condition registry's (kdaudit.conditions.designs(): kd against SIDDO and RCD, with LS shown
+outside the verdict; fmkd against SIDDO and FMRC). A parameter a condition does not have
+(fmkd's temperature) is NaN. `width` (capacity grids) is optional: a table without it
 is one width, NaN.
 Everything here computes at full precision; rounding and formatting belong to the report.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -31,16 +35,22 @@ REQUIRED_COLUMNS = (
     "value",
 )
 SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature", "width")
-TREATMENT = "kd"
-# control -> the setting parameters it must share with the KD setting it is compared to
-# (every control also shares the student width)
-CONTROL_MATCH: dict[str, tuple[str, ...]] = {
-    "siddo": (),
-    "rcd": ("alpha", "temperature"),
-    "ls": ("alpha",),
-}
-CONTROLS = tuple(CONTROL_MATCH)
-VERDICT_CONTROLS = ("siddo", "rcd")
+
+
+@dataclass(frozen=True)
+class Design:
+    """A treatment's controls, each with the setting parameters it shares with the treatment's
+    setting (every control also shares the student width)."""
+
+    verdict: Mapping[str, tuple[str, ...]]  # the controls the verdict needs, in order
+    also: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tested, shown only
+
+    @property
+    def controls(self) -> dict[str, tuple[str, ...]]:
+        return {**self.verdict, **self.also}
+
+
+Designs = Mapping[str, Design]  # treatment condition -> its design
 DIRECTIONS = ("lower", "higher")
 BASELINES = ("accuracy", "agreement")
 VERDICTS = ("supported", "marginal", "not_supported")
@@ -258,6 +268,7 @@ class SettingResult:
     asymmetry: Asymmetry
     note: str = ""
     width: float = math.nan  # student width fraction (capacity grids)
+    verdict_controls: tuple[str, ...] = ("siddo", "rcd")  # the controls the verdict needs
 
     def comparison(self, control: str) -> ControlComparison | None:
         return next((c for c in self.comparisons if c.control == control), None)
@@ -362,40 +373,67 @@ def check_columns(runs: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------- analysis
 
 
-def analyse(runs: pd.DataFrame, options: AnalysisOptions = AnalysisOptions()) -> Analysis:
-    """Test every KD setting against its paired controls and decide the verdicts."""
+def analyse(
+    runs: pd.DataFrame, options: AnalysisOptions = AnalysisOptions(), designs: Designs | None = None
+) -> Analysis:
+    """Test every treatment setting against its paired controls and decide the verdicts."""
     check_columns(runs)
-    _check_options(options)
+    designs = default_designs() if designs is None else designs
+    _check_options(options, designs)
     runs = with_width(runs).assign(value=runs["value"].astype(np.float64))
-    settings = [_analyse_setting(runs, key, options) for key in _kd_settings(runs)]
+    settings = [
+        _analyse_setting(runs, treatment, key, controls, options)
+        for treatment, controls in designs.items()
+        for key in _treatment_settings(runs, treatment)
+    ]
     return Analysis(tuple(settings), options)
 
 
-def _check_options(options: AnalysisOptions) -> None:
+def default_designs() -> Designs:
+    """The condition registry's treatments and controls. Imported here, not at the top, so
+    that this module stays free of torch for callers that pass their own designs."""
+    from kdaudit.conditions import designs
+
+    return designs()
+
+
+def known_controls(designs: Designs) -> tuple[str, ...]:
+    """Every control of the designs, in order of first appearance."""
+    return tuple(dict.fromkeys(c for d in designs.values() for c in d.controls))
+
+
+def _check_options(options: AnalysisOptions, designs: Designs) -> None:
     if options.baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {options.baseline!r}")
-    unknown = [c for c in options.exclude_controls if c not in CONTROLS]
+    known = known_controls(designs)
+    unknown = [c for c in options.exclude_controls if c not in known]
     if unknown:
-        raise ValueError(f"exclude_controls has unknown controls {unknown}; known: {CONTROLS}")
+        raise ValueError(f"exclude_controls has unknown controls {unknown}; known: {known}")
     unknown = [m for m in options.metrics if m not in BETTER]
     if unknown:
         raise ValueError(f"metrics has unknown metrics {unknown}; known: {sorted(BETTER)}")
 
 
-def _kd_settings(runs: pd.DataFrame) -> list[tuple[int, float, float, float]]:
+def _treatment_settings(runs: pd.DataFrame, treatment: str) -> list[tuple]:
+    """(teacher seed, alpha, temperature, width) of every setting of `treatment`."""
     columns = ["teacher_seed", "width", "alpha", "temperature"]
-    kd = runs.loc[runs["condition"] == TREATMENT, columns]
-    kd = kd.drop_duplicates().sort_values(columns)
-    return [(int(s), float(a), float(t), float(w)) for s, w, a, t in kd.itertuples(index=False)]
+    rows = runs.loc[runs["condition"] == treatment, columns].astype(
+        {"alpha": np.float64, "temperature": np.float64}
+    )
+    rows = rows.drop_duplicates().sort_values(columns)
+    return [(int(s), float(a), float(t), float(w)) for s, w, a, t in rows.itertuples(index=False)]
 
 
-def _select(runs: pd.DataFrame, condition: str, key: Mapping[str, float]) -> pd.DataFrame:
+def _select(
+    runs: pd.DataFrame, condition: str, key: Mapping[str, float], match=("alpha", "temperature")
+) -> pd.DataFrame:
+    """The runs of `condition` in setting `key`, matched on the columns `match`."""
     mask = (runs["condition"] == condition) & (runs["teacher_seed"] == key["teacher_seed"])
-    for column in CONTROL_MATCH.get(condition, ("alpha", "temperature")):
-        # float settings come from configs; compare with a tolerance, never NaN == NaN
-        mask &= np.isclose(runs[column].astype(np.float64), key[column], rtol=1e-9, atol=1e-12)
-    # the width is NaN in every run of a grid without a width axis: NaN matches NaN there
-    mask &= np.isclose(runs["width"], key["width"], rtol=1e-9, atol=1e-12, equal_nan=True)
+    for column in (*match, "width"):
+        # float settings come from configs: compare with a tolerance. NaN (a parameter the
+        # condition lacks, the width outside capacity grids) matches NaN only.
+        mask &= np.isclose(runs[column].astype(np.float64), key[column], rtol=1e-9, atol=1e-12,
+                           equal_nan=True)  # fmt: skip
     return runs[mask]
 
 
@@ -408,23 +446,24 @@ def _wide(frame: pd.DataFrame, label: str) -> pd.DataFrame:
     return frame.pivot(index="student_seed", columns="metric", values="value").sort_index()
 
 
-def _analyse_setting(runs: pd.DataFrame, setting, options: AnalysisOptions) -> SettingResult:
+def _analyse_setting(runs, treatment, setting, design, options: AnalysisOptions) -> SettingResult:
     teacher_seed, alpha, temperature, width = setting
     key = dict(teacher_seed=teacher_seed, alpha=alpha, temperature=temperature, width=width)
-    label = f"teacher seed {teacher_seed}, kd alpha={alpha:g}, T={temperature:g}"
+    label = f"teacher seed {teacher_seed}, {treatment} alpha={alpha:g}"
+    label += "" if math.isnan(temperature) else f", T={temperature:g}"
     label += "" if math.isnan(width) else f", width={width:g}"
-    kd = _wide(_select(runs, TREATMENT, key), label)
-    controls = _control_tables(runs, key, label)
+    kd = _wide(_select(runs, treatment, key), label)
+    controls = _control_tables(runs, key, design.controls, label)
     comparisons = tuple(
-        _compare(kd, wide, name, (teacher_seed, TREATMENT, alpha, temperature), width, options)
+        _compare(kd, wide, name, (teacher_seed, treatment, alpha, temperature), width, options)
         for name, wide in controls.items()
     )
-    verdict, n_sig, rel, notes = _verdict(comparisons, options)
+    verdict, n_sig, rel, notes = _verdict(comparisons, tuple(design.verdict), options)
     asymmetry, asym_notes = _asymmetry(kd, controls, options)
-    notes += _pairing_notes(kd, comparisons) + asym_notes
+    notes += _pairing_notes(kd, comparisons, treatment) + asym_notes
     return SettingResult(
         teacher_seed=teacher_seed,
-        condition=TREATMENT,
+        condition=treatment,
         alpha=alpha,
         temperature=temperature,
         n=len(kd),
@@ -435,14 +474,15 @@ def _analyse_setting(runs: pd.DataFrame, setting, options: AnalysisOptions) -> S
         asymmetry=asymmetry,
         note="; ".join(notes),
         width=width,
+        verdict_controls=tuple(design.verdict),
     )
 
 
-def _control_tables(runs: pd.DataFrame, key, label: str) -> dict[str, pd.DataFrame]:
-    """The (student seed, metric) table of every control present for a setting."""
+def _control_tables(runs: pd.DataFrame, key, design, label: str) -> dict[str, pd.DataFrame]:
+    """The (student seed, metric) table of every control of the design present for a setting."""
     tables = {}
-    for name in CONTROLS:
-        selected = _select(runs, name, key)
+    for name, match in design.items():
+        selected = _select(runs, name, key, match)
         if not selected.empty:
             tables[name] = _wide(selected, f"{label}: control {name}")
     return tables
@@ -466,15 +506,16 @@ def _compare(kd, control, name, keys, width, options: AnalysisOptions) -> Contro
     return ControlComparison(*keys, control=name, n=len(seeds), tests=tuple(tests), width=width)
 
 
-def _verdict(comparisons, options: AnalysisOptions) -> tuple[str, int, float, list[str]]:
+def _verdict(comparisons, verdict_controls, options) -> tuple[str, int, float, list[str]]:
+    """Supported when a majority of the functional metrics beat every verdict control."""
     by_name = {c.control: c for c in comparisons}
-    missing = [c for c in VERDICT_CONTROLS if c not in by_name]
+    missing = [c for c in verdict_controls if c not in by_name]
     rel = _relative_improvement(by_name["siddo"]) if "siddo" in by_name else math.nan
     if missing:
         names = " and ".join(m.upper() for m in missing)
         return "not_supported", 0, rel, [f"no {names} runs to compare with: verdict needs both"]
     n_sig = sum(
-        all(_significant(by_name[c], m) for c in VERDICT_CONTROLS) for m in FUNCTIONAL_METRICS
+        all(_significant(by_name[c], m) for c in verdict_controls) for m in FUNCTIONAL_METRICS
     )
     if n_sig <= len(FUNCTIONAL_METRICS) / 2:
         return "not_supported", n_sig, rel, []
@@ -501,11 +542,12 @@ def _relative_improvement(siddo: ControlComparison) -> float:
     return float(np.median(gains)) if gains else math.nan
 
 
-def _pairing_notes(kd: pd.DataFrame, comparisons) -> list[str]:
+def _pairing_notes(kd: pd.DataFrame, comparisons, treatment: str) -> list[str]:
     notes = []
     for c in comparisons:
         if c.n < len(kd):
-            notes.append(f"{len(kd) - c.n} KD run(s) without a paired {c.control.upper()} run")
+            notes.append(f"{len(kd) - c.n} {treatment.upper()} run(s) without a paired "
+                         f"{c.control.upper()} run")  # fmt: skip
     return notes
 
 
@@ -557,7 +599,7 @@ def _baselines(candidates, baseline: str) -> tuple[str | None, str | None]:
 
 
 def _best_control(candidates: Mapping[str, pd.DataFrame], metric: str) -> str | None:
-    """The control with the highest mean `metric` over its runs; ties go to CONTROLS order."""
+    """The control with the highest mean `metric` over its runs; ties go to the design's order."""
     means = {
         name: float(np.nanmean(w[metric])) if metric in w and w[metric].notna().any() else math.nan
         for name, w in candidates.items()
@@ -604,12 +646,14 @@ SWEEP_COLUMNS += ["delta_incorrect", "sem_incorrect", "asymmetry", "sem_asymmetr
 SWEEP_COLUMNS += ["relative_improvement", "n_transfer"]
 
 
-def delta_sweep(analysis: Analysis) -> pd.DataFrame:
-    """Agreement deltas per KD (alpha, T, width), pooled over teacher seeds: mean, SEM and n of
-    the per-seed d_correct, d_incorrect and their difference (asymmetry, > 0 negative), each
-    (teacher seed, student seed) pair one value; with the mean relative improvement over SIDDO
-    and how many teacher seeds' verdicts found transfer (supported or marginal)."""
+def delta_sweep(analysis: Analysis, treatment: str = "kd") -> pd.DataFrame:
+    """Agreement deltas per (alpha, T, width) of one treatment (KD by default), pooled over
+    teacher seeds: mean, SEM and n of the per-seed d_correct, d_incorrect and their
+    difference (asymmetry, > 0 negative), each (teacher seed, student seed) pair one value;
+    with the mean relative improvement over SIDDO and how many teacher seeds' verdicts found
+    transfer (supported or marginal)."""
     deltas = analysis.asymmetry_frame()
+    deltas = deltas[deltas["condition"] == treatment]
     if deltas.empty:
         return pd.DataFrame(columns=SWEEP_COLUMNS)
     deltas = deltas.assign(asymmetry=deltas["d_incorrect"] - deltas["d_correct"])
@@ -624,11 +668,13 @@ def delta_sweep(analysis: Analysis) -> pd.DataFrame:
         asymmetry=("asymmetry", "mean"),
         sem_asymmetry=("asymmetry", sem),
     ).reset_index()
-    return frame.merge(_transfer_by_setting(analysis), on=SWEEP_KEYS, how="left")[SWEEP_COLUMNS]
+    transfer = _transfer_by_setting(analysis, treatment)
+    return frame.merge(transfer, on=SWEEP_KEYS, how="left")[SWEEP_COLUMNS]
 
 
-def _transfer_by_setting(analysis: Analysis) -> pd.DataFrame:
+def _transfer_by_setting(analysis: Analysis, treatment: str) -> pd.DataFrame:
     verdicts = analysis.verdicts_frame()
+    verdicts = verdicts[verdicts["condition"] == treatment]
     verdicts = verdicts.assign(transfer=verdicts["verdict"].isin(["supported", "marginal"]))
     grouped = verdicts.groupby(SWEEP_KEYS, dropna=False, sort=True)
     return grouped.agg(

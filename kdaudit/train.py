@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdaudit.accel import accel_for, prepare
-from kdaudit.conditions import Batch, Objective
+from kdaudit.conditions import Batch, Objective, objective_parameters
 from kdaudit.config import TrainConfig
 
 # (step, batch indices (B,), loss as a 0-d tensor: calling .item() on it is the caller's choice)
@@ -69,7 +69,8 @@ def train(
     torch.manual_seed(data_seed)  # global RNG (dropout masks): same draws for every condition
     accel = accel_for(model, cfg, device)
     forward = prepare(model, accel)
-    optimizer = make_optimizer(model.parameters(), cfg)
+    # an objective's own parameters (feature-map projections) train with the model's
+    optimizer = make_optimizer([*model.parameters(), *objective_parameters(objective)], cfg)
     schedule = make_schedule(optimizer, cfg, total_steps(data.n_train, cfg))
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     model.train()

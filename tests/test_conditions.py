@@ -110,7 +110,8 @@ def test_every_condition_is_registered_with_its_grid_axes():
     assert set(CONDITIONS.names()) >= {"teacher", "siddo", "kd", "rcd", "ls"}
     for name in CONDITIONS.names():
         info = CONDITIONS.get(name).info
-        assert set(info) == {"params", "needs_teacher", "control"}
+        assert set(info) == {"params", "needs_teacher", "control", "controls", "also_compared",
+                             "features"}  # fmt: skip
     with pytest.raises(KeyError, match="unknown condition 'nope'; registered: "):
         CONDITIONS.get("nope")
 

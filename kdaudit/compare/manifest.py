@@ -9,7 +9,7 @@ A CSV file with a header row; one row per model, plus one `labels` row:
     kd,0.5,1,10,0,kd_a0.5_s10.safetensors
     rcd,0.5,1,10,0,rcd_a0.5_s10.pt
 
-- role: `teacher`, `labels`, or a student condition (siddo, kd, rcd, ls).
+- role: `teacher`, `labels`, or a student condition (siddo, kd, rcd, ls, fmkd, fmrc).
 - alpha, temperature: the condition's settings. kd and rcd need alpha, and their empty
   temperature means 1; ls needs alpha and takes no temperature; siddo and teachers take
   neither. A value where the condition has no such setting is an error.

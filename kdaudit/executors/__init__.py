@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from kdaudit.conditions import feature_condition
 from kdaudit.config import ConfigError, ExperimentConfig
 from kdaudit.executors.core import (
     ExecutorConfig,
@@ -107,6 +108,7 @@ def _context(cfg, store: RunStore, options: ExecutorConfig, device: str, data_di
         data_dir=str(Path(data_dir).resolve()) if data_dir else None,
         save_weights=cfg.store.save_weights,
         grid_token=uuid.uuid4().hex,
+        teacher_weights=any(feature_condition(c) for c in cfg.protocol.conditions),
     )
 
 

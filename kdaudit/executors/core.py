@@ -83,6 +83,12 @@ class RunContext:
     data_dir: str | None
     save_weights: bool
     grid_token: str  # one per grid: worker caches of teacher outputs do not outlive it
+    # the grid has students that run the teacher model itself where outputs could be cached
+    # (feature-map conditions): its teachers keep their weights
+    teacher_weights: bool = False
+
+    def keeps_weights(self, spec: RunSpec) -> bool:
+        return self.save_weights or (spec.is_teacher and self.teacher_weights)
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ def attempt(spec: RunSpec, ctx: RunContext, reporter: Reporter | None = None) ->
         on_step = reporter.step if reporter is not None else None
         store.mark_running(spec.run_id)
         try:
-            execute(spec, data, store, teachers, ctx.save_weights, on_step)
+            execute(spec, data, store, teachers, ctx.keeps_weights(spec), on_step)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # a failed run costs only itself: record it, go on

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import traceback
 
+from kdaudit.conditions import feature_condition
 from kdaudit.executors.core import (
     RunContext,
     RunResult,
@@ -47,8 +48,16 @@ def stack_groups(todo: list[RunSpec], size: int) -> list[list[RunSpec]]:
     groups: dict[tuple, list[RunSpec]] = {}
     for spec in todo:
         key = (spec.teacher_id, spec.data, spec.model, spec.train)
+        if not stackable(spec):  # alone, in grid order
+            key = (spec.run_id,)
         groups.setdefault(key, []).append(spec)
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def stackable(spec: RunSpec) -> bool:
+    """Loaded teachers are not trained, and feature-map objectives hook their own model and
+    train parameters of their own, which a stacked (functional) model cannot carry."""
+    return spec.checkpoint is None and not feature_condition(spec.condition)
 
 
 def attempt_stack(
@@ -61,7 +70,7 @@ def attempt_stack(
     if not ready:
         return results
     solo = lambda: results + [(s, attempt(s, ctx, reporter)) for s in ready]  # noqa: E731
-    if any(s.checkpoint is not None for s in ready):  # loaded, not trained
+    if any(s.checkpoint is not None or not stackable(s) for s in ready):
         return solo()
     with cpu_threads(ctx.threads):
         data, teachers = _worker_state(ready[0], ctx)
@@ -109,7 +118,7 @@ def _store(spec, model, outcome, data, store: RunStore, teachers, ctx, start) ->
     try:
         if isinstance(outcome, NonFiniteLoss):
             raise outcome
-        finish_run(spec, model, outcome, data, store, teachers, ctx.save_weights, start)
+        finish_run(spec, model, outcome, data, store, teachers, ctx.keeps_weights(spec), start)
     except Exception as err:  # a failed run costs only itself: record it, go on
         error = f"{type(err).__name__}: {err}"
         store.write_failure(spec, error, traceback.format_exc(), getattr(err, "step", None))

@@ -218,8 +218,8 @@ def _asymmetry_section(analysis: Analysis, png: bytes) -> Section:
 def _notes_section(content: _Content, analysis: Analysis, meta: dict) -> Section:
     failed = [f"{k}: {v}" for k, v in meta.items() if "fail" in str(k).lower()]
     setting_notes = [
-        f"Teacher seed {s.teacher_seed}, KD {fmt.setting_text(s.alpha, s.temperature, s.width)}: "
-        f"{s.note}"
+        f"Teacher seed {s.teacher_seed}, {fmt.control_name(s.condition)} "
+        f"{fmt.setting_text(s.alpha, s.temperature, s.width)}: {s.note}"
         for s in analysis.settings
         if s.note
     ]
@@ -228,5 +228,7 @@ def _notes_section(content: _Content, analysis: Analysis, meta: dict) -> Section
         blocks += [Paragraph("Failed runs:"), Bullets(tuple(failed))]
     if setting_notes:
         blocks += [Paragraph("Per-setting notes:"), Bullets(tuple(setting_notes))]
-    blocks += [Paragraph("Protocol decisions:"), Bullets(tuple(protocol_notes(analysis.options)))]
+    treatments = {s.condition for s in analysis.settings}
+    notes = protocol_notes(analysis.options, treatments)
+    blocks += [Paragraph("Protocol decisions:"), Bullets(tuple(notes))]
     return Section("notes", "Notes", tuple(blocks))

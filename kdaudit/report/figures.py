@@ -15,7 +15,8 @@ DPI = 110
 
 
 def agreement_deltas(analysis: Analysis) -> bytes:
-    """Grouped bars of Δcorrect and Δincorrect per KD setting, one panel per teacher seed."""
+    """Grouped bars of Δcorrect and Δincorrect per treatment setting (KD, FMKD), one panel
+    per teacher seed."""
     seeds = sorted({s.teacher_seed for s in analysis.settings})
     per_seed = [[s for s in analysis.settings if s.teacher_seed == seed] for seed in seeds]
     n_bars = [len(p) for p in per_seed] or [1]
@@ -35,7 +36,8 @@ def agreement_deltas(analysis: Analysis) -> bytes:
 
 
 def _panel(ax, settings: list[SettingResult], seed: int) -> None:
-    show_t = len({s.temperature for s in settings}) > 1
+    show_t = len({s.temperature for s in settings if not fmt.is_missing(s.temperature)}) > 1
+    show_condition = len({s.condition for s in settings}) > 1  # KD beside FMKD
     x = np.arange(len(settings))
     width = 0.38
     for offset, bucket in ((-width / 2, "correct"), (width / 2, "incorrect")):
@@ -44,13 +46,16 @@ def _panel(ax, settings: list[SettingResult], seed: int) -> None:
         ax.bar(x + offset, means, width, yerr=np.nan_to_num(sems), capsize=3,
                color=COLORS[bucket], label=f"Δ{bucket}")  # fmt: skip
     ax.axhline(0.0, color="0.3", linewidth=0.8)
-    ax.set_xticks(x, [_tick(s, show_t) for s in settings], fontsize=7.5)
+    ticks = [_tick(s, show_t, show_condition) for s in settings]
+    ax.set_xticks(x, ticks, fontsize=7.5)
     ax.set_title(f"teacher seed {seed}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
 
 
-def _tick(s: SettingResult, show_t: bool) -> str:
-    label = f"α={s.alpha:g}" + (f"\nT={s.temperature:g}" if show_t else "")
+def _tick(s: SettingResult, show_t: bool, show_condition: bool = False) -> str:
+    label = f"{fmt.control_name(s.condition)}\n" if show_condition else ""
+    label += f"α={s.alpha:g}"
+    label += f"\nT={s.temperature:g}" if show_t and not fmt.is_missing(s.temperature) else ""
     label += "" if fmt.is_missing(s.width) else f"\nw={s.width:g}"
     a = s.asymmetry
     baseline = a.baseline_correct

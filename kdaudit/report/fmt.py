@@ -8,7 +8,8 @@ from kdaudit.metrics import BETTER
 
 MISSING = "–"
 ARROWS = {"lower": "↓", "higher": "↑"}
-CONTROL_NAMES = {"siddo": "SIDDO", "rcd": "RCD", "ls": "LS", "kd": "KD"}
+CONTROL_NAMES = {"siddo": "SIDDO", "rcd": "RCD", "ls": "LS", "kd": "KD", "fmkd": "FMKD",
+                 "fmrc": "FMRC"}  # fmt: skip
 
 
 def is_missing(x) -> bool:
@@ -71,5 +72,5 @@ def condition_label(
 
 def setting_text(alpha: float, temperature: float, width: float = math.nan) -> str:
     """Plain-text setting for sentences: 'alpha=0.5, T=1' (', width=0.3' in capacity grids)."""
-    text = f"alpha={alpha:g}, T={temperature:g}"
+    text = f"alpha={alpha:g}" if is_missing(temperature) else f"alpha={alpha:g}, T={temperature:g}"
     return text if is_missing(width) else f"{text}, width={width:g}"

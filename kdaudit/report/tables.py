@@ -10,10 +10,10 @@ import pandas as pd
 from kdaudit.metrics import BETTER, FUNCTIONAL_METRICS
 from kdaudit.report import fmt
 from kdaudit.report.blocks import Table
-from kdaudit.stats import CONTROLS, SETTING_KEYS, Analysis, ControlComparison, with_width
+from kdaudit.stats import SETTING_KEYS, Analysis, ControlComparison, with_width
 
 TEACHER_COLUMNS = ("teacher_seed", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
-CONDITION_ORDER = ("siddo", "kd", "rcd", "ls")
+CONDITION_ORDER = ("siddo", "kd", "rcd", "ls", "fmkd", "fmrc")
 TEACHER_COUNTS = {
     "n_teacher_correct": "teacher-correct test examples",
     "n_teacher_incorrect": "teacher-incorrect test examples",
@@ -154,17 +154,24 @@ def _best_row(cells, columns, metric) -> list[bool]:
 # ----------------------------------------------------------------------------- significance
 
 
-def _setting_keys(analysis: Analysis) -> list[tuple[float, float, float | None]]:
-    keys = {(s.alpha, s.temperature, _none(s.width)) for s in analysis.settings}
-    return sorted(keys, key=lambda k: (_order(k[2]), k[0], k[1]))
+def _setting_keys(analysis: Analysis) -> dict[tuple, tuple[str, ...]]:
+    """(treatment, alpha, T, width) -> its controls in the design's order, in row order."""
+    controls: dict[tuple, dict[str, None]] = {}
+    for s in analysis.settings:
+        key = (s.condition, _none(s.alpha), _none(s.temperature), _none(s.width))
+        controls.setdefault(key, {}).update(dict.fromkeys(c.control for c in s.comparisons))
+    rank = {c: i for i, c in enumerate(dict.fromkeys(s.condition for s in analysis.settings))}
+    order = sorted(controls, key=lambda k: (rank[k[0]], _order(k[3]), k[1], _order(k[2])))
+    return {k: tuple(controls[k]) for k in order}
 
 
 def _comparisons(analysis: Analysis) -> dict[tuple, ControlComparison]:
     return {
-        (c.teacher_seed, c.alpha, c.temperature, _none(c.width), c.control): c
+        (c.teacher_seed, c.condition, _none(c.alpha), _none(c.temperature), _none(c.width),
+         c.control): c
         for s in analysis.settings
         for c in s.comparisons
-    }
+    }  # fmt: skip
 
 
 def significance_table(analysis: Analysis) -> Table:
@@ -173,12 +180,10 @@ def significance_table(analysis: Analysis) -> Table:
     found = _comparisons(analysis)
     metrics = list(analysis.options.metrics)
     text_rows, title_rows = [], []
-    for alpha, temperature, width in _setting_keys(analysis):
-        for control in CONTROLS:
-            keys = [(seed, alpha, temperature, width, control) for seed in seeds]
-            if not any(k in found for k in keys):
-                continue
-            setting = _label(("kd", alpha, temperature, width), True)
+    for setting_key, controls in _setting_keys(analysis).items():
+        for control in controls:
+            keys = [(seed, *setting_key, control) for seed in seeds]
+            setting = _label(setting_key, True)
             label = f"{setting} vs {fmt.control_name(control)}"
             marks = [_marks(found, keys, m) for m in metrics]
             text_rows.append([label, *(m[0] for m in marks)])
@@ -388,6 +393,7 @@ def teacher_transfer_frame(teachers: pd.DataFrame, analysis: Analysis) -> pd.Dat
     """Each teacher's train loss beside the transfer its KD settings produced (the
     teacher-regime question: does a teacher with a higher train loss transfer more?)."""
     verdicts = analysis.verdicts_frame()
+    verdicts = verdicts[verdicts["condition"] == "kd"]  # the regime question is about KD
     if verdicts.empty or teachers.empty:
         return pd.DataFrame(columns=TEACHER_TRANSFER_COLUMNS)
     own = teachers[["teacher_seed", "train_loss", "train_accuracy", "test_accuracy"]]

@@ -22,17 +22,19 @@ def verdict_lines(analysis: Analysis) -> list[str]:
 
 
 def verdict_sentence(s: SettingResult, options: AnalysisOptions) -> str:
-    head = f"Teacher seed {s.teacher_seed}, KD {fmt.setting_text(s.alpha, s.temperature, s.width)}"
+    setting = fmt.setting_text(s.alpha, s.temperature, s.width)
+    head = f"Teacher seed {s.teacher_seed}, {fmt.control_name(s.condition)} {setting}"
     return f"{head}: {_transfer(s, options)}; {_asymmetry(s.asymmetry, s.n, options)}."
 
 
 def _transfer(s: SettingResult, options: AnalysisOptions) -> str:
-    missing = [fmt.control_name(c) for c in ("siddo", "rcd") if s.comparison(c) is None]
+    missing = [fmt.control_name(c) for c in s.verdict_controls if s.comparison(c) is None]
     if missing:
         return f"transfer not supported (no {' or '.join(missing)} runs to compare with, n={s.n})"
+    controls = " and ".join(fmt.control_name(c) for c in s.verdict_controls)
     evidence = (
-        f"{s.n_significant}/{len(FUNCTIONAL_METRICS)} functional metrics significant vs SIDDO "
-        f"and RCD, median improvement {fmt.pct(s.relative_improvement)} over SIDDO"
+        f"{s.n_significant}/{len(FUNCTIONAL_METRICS)} functional metrics significant vs "
+        f"{controls}, median improvement {fmt.pct(s.relative_improvement)} over SIDDO"
     )
     if s.verdict == "marginal":
         evidence += f", below the {fmt.pct(options.marginal_threshold)} threshold"
@@ -55,8 +57,16 @@ def _asymmetry(a: Asymmetry, n: int, options: AnalysisOptions) -> str:
     )
 
 
-def protocol_notes(options: AnalysisOptions) -> list[str]:
-    """The decisions behind the verdicts, with the options in force."""
+FEATURE_NOTE = (
+    "Feature-map matching (FMKD): supported when a strict majority of the functional metrics "
+    "are significant against both SIDDO and FMRC (the same loss with a fixed random target "
+    "of the teacher feature's shape and standard deviation, at the same alpha)."
+)
+
+
+def protocol_notes(options: AnalysisOptions, treatments=frozenset({"kd"})) -> list[str]:
+    """The decisions behind the verdicts, with the options in force (and a note for
+    feature-map matching when its settings are present)."""
     excluded = ", ".join(fmt.control_name(c) for c in options.exclude_controls) or "none"
     baseline = (
         "the control with the highest mean test accuracy"
@@ -84,7 +94,7 @@ def protocol_notes(options: AnalysisOptions) -> list[str]:
         f"test examples, B = {baseline} (excluded: {excluded}); symmetric within "
         f"±{options.asymmetry_tolerance:g}; tested with a one-sided Wilcoxon test of the "
         f"per-seed Δincorrect − Δcorrect (greater) at {options.alpha_level:g}.",
-    ]
+    ] + ([FEATURE_NOTE] if "fmkd" in treatments else [])
 
 
 def ls_rcd_sentence(frame) -> str:
