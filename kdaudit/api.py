@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdaudit.config import ConfigError, ExperimentConfig, load_config
+from kdaudit.config import ConfigError, ExperimentConfig, load_config, to_dict
 from kdaudit.executors import ExecutorConfig, GridOutcome, grid_status, run_grid
 from kdaudit.progress import Reporter
 from kdaudit.protocol import expand, smoke
@@ -196,20 +196,52 @@ def _check_user_code(cfg: ExperimentConfig, executor, data_dir) -> None:
         check_models(expand(cfg), data)
 
 
-def report(out: str | Path, data_dir: str | Path | None = None) -> AuditResult:
+def report(
+    out: str | Path, data_dir: str | Path | None = None, beside: Iterable[str | Path] = ()
+) -> AuditResult:
     """Analyse the complete runs stored in `out` and write `out/report/`. `data_dir` is read
-    only by grids whose report needs the test data (targeted error transfer)."""
+    only by grids whose report needs the test data (targeted error transfer). `beside`: run
+    directories of other audits (say, the same grid with a RandAugment teacher) whose
+    teachers' train loss and KD transfer the report's teacher table sets beside this one's."""
     out = Path(out)
+    cfg, runs, teachers, analysis = _analysed(out)
+    targeted = targeted_transfer(out, cfg, expand(cfg), data_dir)
+    regimes = _regimes([out, *beside]) if beside else None
+    path = write_report(out / "report", runs, teachers, analysis, title=f"kdaudit: {cfg.name}",
+                        meta=_meta(out, cfg), targeted=targeted, regimes=regimes)  # fmt: skip
+    return AuditResult(out, runs, teachers, analysis, path)
+
+
+def _analysed(out: Path):
     cfg = RunStore(out).load_experiment()
     grid = expand(cfg)
     runs, teachers = load_runs(out, grid), load_teachers(out, grid)
     if runs.empty:
         raise RuntimeError(f"{out} holds no complete student run yet; run `kdaudit run` first")
-    analysis = analyse(runs, cfg.analysis)
-    targeted = targeted_transfer(out, cfg, grid, data_dir)
-    path = write_report(out / "report", runs, teachers, analysis, title=f"kdaudit: {cfg.name}",
-                        meta=_meta(out, cfg), targeted=targeted)  # fmt: skip
-    return AuditResult(out, runs, teachers, analysis, path)
+    return cfg, runs, teachers, analyse(runs, cfg.analysis)
+
+
+def _regimes(dirs: list) -> pd.DataFrame:
+    """The teacher-transfer rows of each audit, labelled by its name and by how its
+    teachers were trained (the training keys in which they differ from the students)."""
+    from kdaudit.report.tables import teacher_transfer_frame, teachers_frame
+
+    frames = []
+    for d in dirs:
+        cfg, runs, teachers, analysis = _analysed(Path(d))
+        frame = teacher_transfer_frame(teachers_frame(teachers, runs), analysis)
+        frame.insert(0, "teacher_training", _teacher_training(cfg))
+        frame.insert(0, "audit", cfg.name)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _teacher_training(cfg: ExperimentConfig) -> str:
+    teacher = cfg.protocol.teacher_train
+    if teacher is None or teacher == cfg.train:
+        return "as the students"
+    differ = {k: v for k, v in to_dict(teacher).items() if v != to_dict(cfg.train)[k]}
+    return ", ".join(f"{k}={v}" for k, v in differ.items())
 
 
 def _meta(out: Path, cfg: ExperimentConfig) -> dict:

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--data-dir", type=Path,
                         help="dataset directory, for reports that read the test data "
                              "(targeted error transfer; default: $KDAUDIT_DATA)")  # fmt: skip
+    report.add_argument("--beside", type=Path, action="append", default=[], metavar="DIR",
+                        help="another audit's run directory whose teachers' train loss and "
+                             "transfer go beside this one's (teacher regimes; repeatable)")  # fmt: skip
     report.set_defaults(func=_report)
 
     status = sub.add_parser("status", help="complete / pending / failed runs of a run directory")
@@ -103,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from kdaudit import api
 
-    _print_result(api.report(args.dir, args.data_dir))
+    _print_result(api.report(args.dir, args.data_dir, args.beside))
     return 0
 
 

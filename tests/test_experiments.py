@@ -341,3 +341,24 @@ def test_teacher_transfer_table_sets_train_loss_beside_the_deltas(tmp_path):
     assert one["train_loss"] == pytest.approx(teachers["train_loss"].iloc[1])
     assert one["verdict"] == "supported" and one["delta_incorrect"] > one["delta_correct"]
     assert "Each teacher's train loss beside the transfer" in (out / "report.md").read_text()
+
+
+def test_the_report_sets_another_audits_teachers_beside_its_own(tmp_path):
+    """The teacher-regime experiment: two audits that differ only in how the teacher
+    trained, their teachers' train loss beside the transfer each produced, in one report."""
+    from kdaudit import api
+
+    standard = load_config(write_config(tmp_path))
+    run_local(standard, tmp_path / "standard", "cpu")
+    regime = load_config(write_config(tmp_path, name="regime",
+                                      protocol={"teacher_train": {"lr": 0.03}}))  # fmt: skip
+    run_local(regime, tmp_path / "regime", "cpu")
+    api.report(tmp_path / "regime", beside=[tmp_path / "standard"])
+    table = pd.read_csv(tmp_path / "regime/report/tables/teacher_transfer.csv")
+    assert dict(zip(table["audit"], table["teacher_training"], strict=True)) == {
+        "regime": "lr=0.03", "tiny": "as the students"}  # fmt: skip
+    for audit, folder in (("regime", "regime"), ("tiny", "standard")):
+        loss = load_teachers(tmp_path / folder)["train_loss"].iloc[0]
+        assert table.loc[table["audit"] == audit, "train_loss"].tolist() == [loss]  # one alpha
+    assert table["train_loss"].nunique() == 2  # the teachers did train differently
+    assert "| regime | lr=0.03 |" in (tmp_path / "regime/report/report.md").read_text()

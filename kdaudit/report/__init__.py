@@ -17,7 +17,7 @@ targeted_transfer.csv when given prompt-completion counts (results.targeted_coun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -56,6 +56,7 @@ class _Content:
     sweep_pngs: dict[str, bytes]  # axis -> figure, for the axes that vary
     ls_rcd: pd.DataFrame  # stats.ls_rcd_differences (empty without LS and RCD runs)
     targeted: pd.DataFrame | None  # stats.targeted_summary, when counts were given
+    transfer: pd.DataFrame  # each teacher's train loss beside its KD transfer
 
 
 def write_report(
@@ -67,13 +68,18 @@ def write_report(
     title: str,
     meta: dict | None = None,
     targeted: pd.DataFrame | None = None,
+    regimes: pd.DataFrame | None = None,
 ) -> Path:
     """Write the report files into out_dir; returns the path of index.html.
-    `targeted`: prompt-completion counts per run (results.targeted_counts), or None."""
+    `targeted`: prompt-completion counts per run (results.targeted_counts), or None.
+    `regimes`: the teacher-transfer rows of this audit and of audits set beside it (columns
+    audit, teacher_training, then tables.TEACHER_TRANSFER_COLUMNS), or None for this one."""
     out = Path(out_dir)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     content = _content(runs, teachers, analysis, targeted)
+    if regimes is not None:
+        content = replace(content, transfer=regimes)
     _write_tables(out / "tables", content, analysis)
     (out / DELTA_FIGURE).write_bytes(content.deltas_png)
     for axis, png in content.sweep_pngs.items():
@@ -105,6 +111,7 @@ def _content(runs, teachers, analysis: Analysis, targeted: pd.DataFrame | None) 
         sweep_pngs={axis: figures.delta_curves(sweep, axis) for axis in _swept(sweep)},
         ls_rcd=ls_rcd_differences(runs),
         targeted=None if targeted is None else targeted_summary(targeted),
+        transfer=tables.teacher_transfer_frame(tables.teachers_frame(teachers, runs), analysis),
     )
 
 
@@ -120,7 +127,7 @@ def _write_tables(folder: Path, content: _Content, analysis: Analysis) -> None:
         "significance": analysis.tests_frame(),
         "verdicts": analysis.verdicts_frame(),
         "asymmetry": analysis.asymmetry_frame(),
-        "teacher_transfer": tables.teacher_transfer_frame(content.teachers, analysis),
+        "teacher_transfer": content.transfer,
     }
     raw.update({SWEEPS[axis][0]: content.sweep for axis in content.sweep_pngs})
     if not content.ls_rcd.empty:
@@ -181,8 +188,8 @@ def _ls_rcd_section(frame: pd.DataFrame) -> Section:
 
 
 def _teachers_section(content: _Content, analysis: Analysis) -> Section:
-    transfer = tables.teacher_transfer_frame(content.teachers, analysis)
-    blocks = (tables.teachers_table(content.teachers), tables.teacher_transfer_table(transfer))
+    blocks = (tables.teachers_table(content.teachers),
+              tables.teacher_transfer_table(content.transfer))  # fmt: skip
     return Section("teachers", "Teachers", blocks)
 
 

@@ -402,8 +402,12 @@ def teacher_transfer_frame(teachers: pd.DataFrame, analysis: Analysis) -> pd.Dat
 
 
 def teacher_transfer_table(frame: pd.DataFrame) -> Table:
+    beside = {}
+    if "audit" in frame:  # several audits' teachers side by side (the teacher regimes)
+        beside = {"audit": frame["audit"], "teacher training": frame["teacher_training"]}
     text = pd.DataFrame(
         {
+            **beside,
             "teacher seed": frame["teacher_seed"].map(str),
             "teacher train loss": frame["train_loss"].map(fmt.num),
             "teacher test accuracy": frame["test_accuracy"].map(fmt.num),
