@@ -446,25 +446,16 @@ def test_ast_layers_start_different_and_small_inputs_are_refused():
 )
 def test_paper_audio_configs_smoke_on_tiny_file_sets(tmp_path, config, writer, folder):
     writer(tmp_path / "data" / folder)
-    argv = [
-        "run",
-        str(ROOT / config),
-        "--smoke",
-        "--out",
-        str(tmp_path / "out"),
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--set",
-        "train.max_steps=1",
-        "--set",
-        "protocol.alphas=[0.5]",
-        "--set",
-        "model.channels=[8, 8, 8, 8]",
-    ]
     # narrow channels: the paper's VGGish costs ~1 GMAC per 4 s clip, minutes on 2 busy cores
-    assert cli.main(argv) == 0
+    sets = ("train.max_steps=1", "protocol.alphas=[0.5]", "model.channels=[8, 8, 8, 8]")
+    assert cli.main(_smoke(ROOT / config, tmp_path / "out", tmp_path / "data", *sets)) == 0
+
+
+def _smoke(config: Path, out: Path, data_dir: Path, *sets: str) -> list[str]:
+    """`kdaudit run CONFIG --smoke` on the CPU, with `--set` overrides."""
+    argv = ["run", str(config), "--smoke", "--out", str(out), "--device", "cpu",
+            "--data-dir", str(data_dir)]  # fmt: skip
+    return argv + [arg for item in sets for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
@@ -489,17 +480,5 @@ def test_fsdd_real_files(real_fsdd):
 
 
 def test_fsdd_config_runs_end_to_end_on_real_files(real_fsdd, tmp_path):
-    argv = [
-        "run",
-        str(ROOT / "configs" / "fsdd.yaml"),
-        "--smoke",
-        "--out",
-        str(tmp_path / "out"),
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(real_fsdd),
-        "--set",
-        "train.max_steps=5",
-    ]
+    argv = _smoke(ROOT / "configs" / "fsdd.yaml", tmp_path / "out", real_fsdd, "train.max_steps=5")
     assert cli.main(argv) == 0
