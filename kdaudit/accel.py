@@ -79,13 +79,17 @@ _COMPILED: dict[tuple[str, str, bool], Callable] = {}
 
 
 def compiled(model: nn.Module, backend: str = "inductor", stacked: bool = False) -> Callable:
-    """torch.compile of `functional_call(architecture, (params, buffers), x)`; stacked:
-    vmapped over a leading model dimension of all three (kdaudit.stacked)."""
+    """torch.compile of the training forward `functional_call(architecture, (params,
+    buffers), x)` (training mode: batch norm uses batch statistics, dropout is on); stacked:
+    vmapped over a leading model dimension of all three, random draws made once for the
+    stack (kdaudit.stacked)."""
     key = (architecture_key(model), backend, stacked)
     if key not in _COMPILED:
-        skeleton = copy.deepcopy(model).to("meta")  # structure only: its tensors are replaced
+        # structure only (its tensors are replaced), in training mode whatever model's mode
+        skeleton = copy.deepcopy(model).to("meta").train()
         fn = partial(_call, skeleton)
-        _COMPILED[key] = torch.compile(vmap(fn) if stacked else fn, backend=backend)
+        fn = vmap(fn, randomness="same") if stacked else fn
+        _COMPILED[key] = torch.compile(fn, backend=backend)
     return _COMPILED[key]
 
 

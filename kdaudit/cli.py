@@ -47,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="torch CPU threads per run (default 1; CPU results are bitwise "
                           "reproducible for a fixed value)")  # fmt: skip
     run.add_argument("--stack", type=int, default=1, metavar="N",
-                     help="train up to N runs of one teacher at once as one stacked model "
-                          "(models without batch norm or dropout; default 1: one at a time)")  # fmt: skip
+                     help="train up to N runs of one teacher at once as one stacked model, "
+                          "one student seed's conditions together (default 1: one at a time)")  # fmt: skip
     run.add_argument("--address", metavar="ADDR",
                      help="ray: address of an existing cluster (default: start a local one)")  # fmt: skip
     run.add_argument("--max-retries", type=int, default=3, metavar="N",

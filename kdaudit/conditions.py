@@ -156,12 +156,17 @@ def cached_targets(train_logits: torch.Tensor) -> TeacherTargets:
 
 
 def model_targets(teacher: torch.nn.Module) -> TeacherTargets:
-    """A forward pass of the (eval-mode) teacher on the batch the student sees."""
+    """A forward pass of the (eval-mode) teacher on the batch the student sees. The last
+    batch's outputs are kept: students trained as one stack (kdaudit.stacked) are handed the
+    same Batch, and one teacher forward pass serves them all."""
     teacher.eval()
+    last: list = [None, None]  # [the batch's inputs (kept alive, so never a reused id), logits]
 
     def targets(batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return teacher(batch.x).flatten(0, -2)  # (B, K), or (B * T, V) for sequences
+        if last[0] is not batch.x:
+            with torch.no_grad():
+                last[:] = batch.x, teacher(batch.x).flatten(0, -2)  # (B, K) or (B * T, V)
+        return last[1]
 
     return targets
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from kdaudit.conditions import build_objective, cached_targets, model_targets
+from kdaudit.conditions import TeacherTargets, build_objective, cached_targets, model_targets
 from kdaudit.features import PROBE, FeatureSetup, find_modules
 from kdaudit.metrics import accuracy_and_loss, functional_similarity
 from kdaudit.models import build_model
@@ -28,6 +28,7 @@ class TeacherOutputs:
     device: torch.device
     _train: dict[str, torch.Tensor] = field(default_factory=dict)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    _targets: dict[str, TeacherTargets] = field(default_factory=dict)
     _on_students_data: dict[str, np.ndarray] = field(default_factory=dict)
 
     def train_logits(self, teacher_id: str) -> torch.Tensor:  # (N_train, K) on the device
@@ -54,6 +55,13 @@ class TeacherOutputs:
             logits = predict(model, data, "test", student.train.eval_batch_size)
             self._on_students_data[key] = logits.numpy()
         return self._on_students_data[key]
+
+    def targets(self, teacher_id: str, data) -> TeacherTargets:
+        """The teacher's forward pass on a student's batch, one callable per teacher: the
+        students of a stack share it, and with it one forward pass per batch."""
+        if teacher_id not in self._targets:
+            self._targets[teacher_id] = model_targets(self.model(teacher_id, data))
+        return self._targets[teacher_id]
 
     def model(self, teacher_id: str, data) -> torch.nn.Module:
         """The trained teacher, rebuilt from its stored config and weights."""
@@ -198,7 +206,7 @@ def _teacher_targets(spec: RunSpec, data, teachers: TeacherOutputs):
         return _feature_setup(spec, data, teachers)
     if _cached(spec, data) and not teachers.other_data(spec):
         return cached_targets(teachers.train_logits(spec.teacher_id))
-    return model_targets(teachers.model(spec.teacher_id, data))
+    return teachers.targets(spec.teacher_id, data)
 
 
 def _feature_setup(spec: RunSpec, data, teachers: TeacherOutputs) -> FeatureSetup:

@@ -1,16 +1,20 @@
 """Several models of one architecture trained at once, as one stacked model (torch.func).
 
-The K models' parameters are stacked along a new leading dimension and one vmapped
-`functional_call` computes all their logits in a single forward pass. Nothing else is
-shared: each model draws its own minibatch sequence (`batch_order` with its own data seed,
-and its own CPU RNG stream for augmentation), computes its own objective on its slice of
-the logits, and the K losses are summed, so each model's gradient is exactly the gradient
-of its own loss. The optimizers are elementwise, so one over the stacked parameters
-updates each model as its own optimizer would.
+The K models' parameters and buffers are stacked along a new leading dimension and one
+vmapped `functional_call` computes all their logits in a single forward pass. Each model
+computes its own objective on its slice of the logits and the K losses are summed, so each
+model's gradient is exactly the gradient of its own loss. The optimizers are elementwise,
+so one over the stacked parameters updates each model as its own optimizer would. Batch
+norm works per model: each normalises its own slice and updates its own running statistics.
 
-Valid only for models whose forward pass does not couple examples or draw random numbers
-in training mode: no batch norm, no active dropout (`unstackable` says why not). The
-executors train such models one at a time.
+Runs of one data seed (the paired conditions of one student seed, PROTOCOL section 3) see
+the same minibatches, the same augmentation draws and the same dropout masks when trained
+alone. In a stack they share them outright: one batch per step, drawn from the one random
+stream that `train` seeds with the data seed, dropout drawn once for all of them (vmap's
+randomness="same"), and one teacher forward pass on the batch serving every KD student
+(kdaudit.conditions.model_targets). Runs of several data seeds stack too, each drawing its
+batches from its own stream, but only if the model draws no random numbers in its forward
+pass (`unstackable` says why not).
 
 Numerics (CPU, measured in tests/test_stacked.py): the forward pass is bitwise that of the
 model alone; weight gradients come from batched matmuls that sum in another order, so a
@@ -55,16 +59,19 @@ class Member:
     data_seed: int
 
 
-def unstackable(model: nn.Module) -> str | None:
-    """Why `model` cannot train in a stack (None: it can)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            return f"{name or 'model'} is a batch norm (statistics couple the batch)"
-        if _dropout_rate(module) > 0:
-            return f"{name or 'model'} has dropout {_dropout_rate(module)} (random masks)"
-    if any(True for _ in model.buffers()):
-        return "the model has buffers (state outside its parameters)"
+def unstackable(models: list[nn.Module], data_seeds: list[int]) -> str | None:
+    """Why these models cannot train as one stack (None: they can)."""
+    if len(set(data_seeds)) > 1:
+        for name, module in models[0].named_modules():
+            if _dropout_rate(module) > 0:
+                return (f"{name or 'model'} has dropout {_dropout_rate(module)}: its masks come "
+                        "from the data seed's random stream, so only runs of one seed stack")  # fmt: skip
     return None
+
+
+def random_draws(model: nn.Module) -> bool:
+    """Whether the model draws random numbers in its training forward pass (dropout)."""
+    return any(_dropout_rate(m) > 0 for m in model.modules())
 
 
 def _dropout_rate(module: nn.Module) -> float:
@@ -80,19 +87,23 @@ def train_stacked(
     """Train every member's model in place; per member its result, or the NonFiniteLoss it
     would have raised alone (the other members train on, unaffected)."""
     start = time.perf_counter()
+    models = [m.model for m in members]
+    streams = _Streams(members, cfg)
+    if (reason := unstackable(models, streams.seeds)) is not None:
+        raise ValueError(f"these models cannot train as one stack: {reason}")
     # channels_last does not apply: vmap turns the K models' convolutions into one grouped one
-    accel = replace(accel_for(members[0].model, cfg, data.device), channels_last=False)
-    params = StackedParameters([m.model for m in members])
-    forward = _stacked_forward(members[0].model, accel.compile)
-    optimizer = make_optimizer(params.leaves, cfg)
+    accel = replace(accel_for(models[0], cfg, data.device), channels_last=False)
+    state = StackedState(models)
+    forward = _stacked_forward(models[0], accel.compile)
+    optimizer = make_optimizer(state.leaves, cfg)
     schedule = make_schedule(optimizer, cfg, total_steps(data.n_train, cfg))
     nonfinite = torch.zeros(len(members), dtype=torch.bool, device=data.device)  # (K,)
     failures: dict[int, NonFiniteLoss] = {}
     step = -1
-    for step, batches in enumerate(_Streams(members, cfg).batches(data)):
+    for step, batches in enumerate(streams.batches(data)):  # one Batch per member
         x = torch.stack([b.x for b in batches])  # (K, B, ...)
         with accel.autocast():
-            logits = forward(params.views(), params.buffers, x)  # (K, B, C) or (K, B, T, V)
+            logits = forward(state.views(), state.buffers, x)  # (K, B, C) or (K, B, T, V)
         losses = _losses(members, logits.float(), batches)  # (K,)
         # d(sum)/d(loss_k) = 1: each model gets exactly the gradient of its own loss
         _update(optimizer, schedule, losses.sum())
@@ -102,7 +113,7 @@ def train_stacked(
         if step % CHECK_EVERY == CHECK_EVERY - 1:
             _check(nonfinite, step, failures)
     _check(nonfinite, step, failures)
-    params.unstack([m.model for m in members])
+    state.unstack(models)
     seconds = (time.perf_counter() - start) / len(members)  # each member's share
     engine = accel.describe()
     return [
@@ -120,29 +131,34 @@ def _update(optimizer, schedule, loss: torch.Tensor) -> None:
 
 
 class _Streams:
-    """Each member's minibatches: its own `batch_order`, and its own CPU RNG stream for the
-    augmentation draws (the stream `train` seeds with the member's data seed)."""
+    """The members' minibatches: per data seed its `batch_order` and its random stream for the
+    augmentation draws, the stream `train` seeds with the data seed. Members of one seed get
+    the same Batch object, which lets their KD objectives share one teacher forward pass."""
 
     def __init__(self, members: list[Member], cfg: TrainConfig):
         self.cfg = cfg
-        self.seeds = [m.data_seed for m in members]
+        self.seeds = list(dict.fromkeys(m.data_seed for m in members))  # distinct, in order
+        self.of_member = [self.seeds.index(m.data_seed) for m in members]
         self.rng = [torch.Generator().manual_seed(s).get_state() for s in self.seeds]
+        if len(self.seeds) == 1:  # as `train` does: dropout masks come from this stream too
+            torch.manual_seed(self.seeds[0])
 
     def batches(self, data) -> Iterator[list[Batch]]:
         orders = [batch_order(data.n_train, self.cfg, s) for s in self.seeds]
         for indices in zip(*orders, strict=True):
-            yield [self._batch(data, k, idx) for k, idx in enumerate(indices)]
+            per_seed = [self._batch(data, j, idx) for j, idx in enumerate(indices)]
+            yield [per_seed[j] for j in self.of_member]
 
-    def _batch(self, data, k: int, idx: torch.Tensor) -> Batch:
+    def _batch(self, data, j: int, idx: torch.Tensor) -> Batch:
         idx = idx.to(data.device, non_blocking=True)
-        if self.cfg.augment == "none":  # no draws: no RNG to swap
+        if self.cfg.augment == "none" or len(self.seeds) == 1:  # no swap: the global stream
             x, y = data.train_batch(idx, self.cfg.augment)
             return Batch(idx, x, y.reshape(-1))
         outside = torch.get_rng_state()
-        torch.set_rng_state(self.rng[k])
+        torch.set_rng_state(self.rng[j])
         try:
             x, y = data.train_batch(idx, self.cfg.augment)
-            self.rng[k] = torch.get_rng_state()
+            self.rng[j] = torch.get_rng_state()
         finally:
             torch.set_rng_state(outside)
         return Batch(idx, x, y.reshape(-1))
@@ -150,15 +166,17 @@ class _Streams:
 
 def _stacked_forward(model: nn.Module, compile: bool):
     """(params, buffers, x) -> logits, vmapped over the leading (model) dimension of all
-    three. The skeleton holds the architecture only (on the meta device)."""
+    three, in training mode. Random draws (dropout) are made once for all K models, which
+    is what models of one data seed draw alone; `unstackable` keeps other stacks free of
+    them. The skeleton holds the architecture only (on the meta device)."""
     if compile:
         return compiled(model, stacked=True)
-    skeleton = copy.deepcopy(model).to("meta")
+    skeleton = copy.deepcopy(model).to("meta").train()
 
     def one(params, buffers, x):
         return functional_call(skeleton, (params, buffers), (x,))
 
-    return vmap(one, in_dims=(0, 0, 0))
+    return vmap(one, in_dims=(0, 0, 0), randomness="same")
 
 
 # Fused optimizers run a tensor's last (numel mod vector width) elements through scalar code
@@ -169,9 +187,10 @@ def _stacked_forward(model: nn.Module, compile: bool):
 PAD = 64
 
 
-class StackedParameters:
+class StackedState:
     """The K models' parameters, each stacked (K, ...) inside a flat zero-padded leaf
-    (ceil(K * numel / PAD) * PAD,) that the optimizer updates."""
+    (ceil(K * numel / PAD) * PAD,) that the optimizer updates, and their buffers (batch norm
+    statistics), stacked (K, ...) and updated in place by the forward pass."""
 
     def __init__(self, models: list[nn.Module]):
         stacked, self.buffers = stack_module_state(models)  # name -> (K, ...)
@@ -193,11 +212,13 @@ class StackedParameters:
 
     @torch.no_grad()
     def unstack(self, models: list[nn.Module]) -> None:
-        """Copy model k's trained parameters back into models[k]."""
+        """Copy model k's trained parameters and its buffers back into models[k]."""
         views = self.views()
         for k, model in enumerate(models):
             for name, p in model.named_parameters(remove_duplicate=False):
                 p.copy_(views[name][k])
+            for name, b in model.named_buffers():
+                b.copy_(self.buffers[name][k])
 
 
 def _padded(stacked: torch.Tensor) -> torch.Tensor:

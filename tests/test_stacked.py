@@ -12,24 +12,26 @@ result must not depend on the stack around it: that is bitwise, tested below."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from kdaudit.accel import _COMPILED, Accel, accel_for, compiled
-from kdaudit.conditions import build_objective, cached_targets
+from kdaudit.conditions import build_objective, cached_targets, model_targets
 from kdaudit.config import ConfigError, TrainConfig, load_config
 from kdaudit.data import TensorData
 from kdaudit.executors import ExecutorConfig, run_grid
+from kdaudit.executors.stacking import stack_groups
 from kdaudit.models import build_model
 from kdaudit.models.gpt import GPTConfig
 from kdaudit.models.mlp import MLPConfig
 from kdaudit.models.vision import CNNConfig
 from kdaudit.protocol import expand
-from kdaudit.stacked import Member, train_stacked, unstackable
+from kdaudit.stacked import Member, StackedState, _stacked_forward, train_stacked, unstackable
 from kdaudit.store import RunStore
-from kdaudit.train import NonFiniteLoss, batch_order, train
+from kdaudit.train import NonFiniteLoss, batch_order, total_steps, train
 from tests.fault_helpers import assert_same_runs
 
 K = 4  # classes
@@ -150,13 +152,112 @@ def test_a_stacked_language_model_with_tied_weights_ends_where_it_would_alone():
     assert stack[1].model.head.weight is stack[1].model.tok.weight  # still tied
 
 
-def test_models_with_batch_norm_or_dropout_do_not_stack():
-    assert "batch norm" in unstackable(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
-    assert "dropout" in unstackable(
-        build_model(GPTConfig(n_layer=1, n_embd=8, n_head=2), (4,), 5, 0)
-    )
-    gpt = GPTConfig(n_layer=1, n_embd=8, n_head=2, dropout=0.0)
-    assert unstackable(build_model(gpt, (4,), 5, 0)) is None
+def _gpt_data() -> TensorData:
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 5, (64, 6), generator=g)  # (N, T)
+    return TensorData(tokens, torch.roll(tokens, -1, 1), tokens[:8], tokens[:8], 5)
+
+
+def test_only_models_without_random_draws_stack_across_data_seeds():
+    dropout = [build_model(GPTConfig(n_layer=1, n_embd=8, n_head=2), (4,), 5, 0)] * 2
+    assert "dropout 0.2" in unstackable(dropout, [10, 11])
+    assert unstackable(dropout, [10, 10]) is None  # one seed: one stream of masks
+    batch_norm = [nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))] * 2
+    assert unstackable(batch_norm, [10, 11]) is None
+    ce = build_objective("siddo", None, None, 5)
+    with pytest.raises(ValueError, match="only runs of one seed stack"):
+        train_stacked([Member(dropout[0], ce, 10), Member(dropout[1], ce, 11)], _gpt_data(), CFG)
+
+
+def _bn_member(condition: str, seed: int) -> Member:
+    torch.manual_seed(0)  # one init for every member, as one student seed's conditions share
+    # no conv bias before the batch norm (as in ResNets): its true gradient is 0, and Adam
+    # would turn the rounding noise standing in for it into full-size steps
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, K))  # fmt: skip
+    alpha = None if condition == "siddo" else 0.5
+    return Member(model, build_objective(condition, alpha, 2.0, K, cached_targets(TEACHER)), seed)
+
+
+@pytest.mark.parametrize("seeds", [(10, 10, 10), (10, 11, 12)], ids=["one seed", "three seeds"])
+def test_batch_norm_models_stack_and_keep_their_own_running_statistics(seeds):
+    data, cfg = _images(), replace(CFG, augment="crop_flip", epochs=2)
+    conditions = ("siddo", "kd", "rcd")
+    stack = [_bn_member(c, s) for c, s in zip(conditions, seeds, strict=True)]
+    train_stacked(stack, data, cfg)
+    for k, (condition, seed) in enumerate(zip(conditions, seeds, strict=True)):
+        alone = _alone(_bn_member(condition, seed), data, cfg)
+        torch.testing.assert_close(_flat(stack[k].model), _flat(alone.model), **WEIGHT_TOL)
+        for (name, a), b in zip(stack[k].model.named_buffers(), alone.model.buffers(), strict=True):
+            torch.testing.assert_close(a, b, **WEIGHT_TOL, msg=name)
+    means = [m.model[1].running_mean for m in stack]
+    assert not torch.equal(means[0], means[1])  # each its own statistics, not shared
+    assert int(stack[0].model[1].num_batches_tracked) == total_steps(data.n_train, cfg)
+
+
+def _gpt_member(condition: str, teacher_targets=None, dropout=0.2) -> Member:
+    gpt = GPTConfig(n_layer=1, n_embd=8, n_head=2, dropout=dropout)
+    alpha = None if condition == "siddo" else 0.5
+    objective = build_objective(condition, alpha, 2.0, 5, teacher_targets)
+    return Member(build_model(gpt, (6,), 5, 0), objective, 10)
+
+
+def test_one_seeds_conditions_stack_with_dropout_and_end_where_they_would_alone():
+    data = _gpt_data()
+    teacher = build_model(GPTConfig(n_layer=1, n_embd=8, n_head=2), (6,), 5, 1)
+    conditions = ("siddo", "kd", "rcd")
+    stack = [_gpt_member(c, model_targets(teacher)) for c in conditions]
+    train_stacked(stack, data, CFG)
+    for member, condition in zip(stack, conditions, strict=True):
+        alone = _alone(_gpt_member(condition, model_targets(teacher)), data)
+        torch.testing.assert_close(_flat(member.model), _flat(alone.model), **WEIGHT_TOL)
+    # the masks matter: without dropout the same training ends elsewhere
+    nodrop = _alone(_gpt_member("siddo", dropout=0.0), data)
+    assert (_flat(nodrop.model) - _flat(stack[0].model)).abs().max() > 1e-3
+
+
+def test_a_dropout_models_result_does_not_depend_on_its_seeds_stack():
+    data = _gpt_data()
+    ends = []
+    for others in ([], ["siddo"], ["rcd", "siddo", "rcd"]):
+        stack = [_gpt_member(c) for c in others] + [_gpt_member("rcd")]
+        train_stacked(stack, data, CFG)
+        ends.append(_flat(stack[-1].model))
+    assert all(torch.equal(ends[0], e) for e in ends[1:])
+
+
+def test_one_teacher_forward_per_batch_serves_a_stacks_kd_students():
+    data, cfg = _images(), replace(CFG, augment="crop_flip", epochs=2)
+    cnn = CNNConfig(width=4, depth=1)
+    teacher = build_model(cnn, data.input_shape, K, 1)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    targets = model_targets(teacher)
+    stack = [Member(build_model(cnn, data.input_shape, K, 0),
+                    build_objective("kd", a, 2.0, K, targets), 10)
+             for a in (0.1, 0.5, 0.9)]  # fmt: skip
+    train_stacked(stack, data, cfg)
+    assert len(calls) == total_steps(data.n_train, cfg)  # not 3 per step
+    alone = Member(build_model(cnn, data.input_shape, K, 0),
+                   build_objective("kd", 0.9, 2.0, K, model_targets(teacher)), 10)  # fmt: skip
+    _alone(alone, data, cfg)
+    torch.testing.assert_close(_flat(stack[2].model), _flat(alone.model), **WEIGHT_TOL)
+
+
+def _spec(seed: int, condition: str):
+    return SimpleNamespace(teacher_id="t", data="d", model="m", train="c", data_seed=seed,
+                           run_id=f"{condition}-{seed}", checkpoint=None, condition=condition)  # fmt: skip
+
+
+def test_stacks_keep_a_seeds_paired_runs_together():
+    todo = [_spec(seed, c) for seed in (10, 11, 12) for c in ("siddo", "kd", "rcd")]
+    ids = lambda groups: [[s.run_id for s in g] for g in groups]  # noqa: E731
+    assert ids(stack_groups(todo, 3)) == [[s.run_id for s in todo[i : i + 3]] for i in (0, 3, 6)]
+    assert ids(stack_groups(todo, 7)) == [ids([todo[:6]])[0], ids([todo[6:]])[0]]
+    assert ids(stack_groups(todo, 2)) == [
+        ["siddo-10", "kd-10"], ["rcd-10"], ["siddo-11", "kd-11"], ["rcd-11"],
+        ["siddo-12", "kd-12"], ["rcd-12"],
+    ]  # fmt: skip
 
 
 def test_the_stack_executor_stores_every_run_reproducibly_whatever_the_stacks(
@@ -214,3 +315,26 @@ def test_one_compiled_function_serves_every_model_of_an_architecture():
         )
         assert torch.equal(out, model(x))
     assert len(_COMPILED) == 1
+
+
+def test_the_compiled_stacked_forward_trains_like_the_plain_one_whatever_the_models_mode():
+    """Dynamo traces the vmapped training forward (eager backend: no C++ compiler needed):
+    batch statistics, running-statistics updates and one dropout mask for the stack."""
+    _COMPILED.clear()
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                            nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(4 * 8 * 8, K))
+              for _ in range(3)]  # fmt: skip
+    for model in models:
+        model.eval()  # the training forward must not follow the mode the model is left in
+    states = [StackedState(models) for _ in range(2)]
+    x = torch.randn(3, 16, 1, 8, 8)  # (K, B, C, H, W)
+    torch.manual_seed(1)
+    fast = compiled(models[0], backend="eager", stacked=True)(
+        states[0].views(), states[0].buffers, x
+    )
+    torch.manual_seed(1)
+    plain = _stacked_forward(models[0], compile=False)(states[1].views(), states[1].buffers, x)
+    assert torch.equal(fast, plain)
+    assert torch.equal(states[0].buffers["1.running_mean"], states[1].buffers["1.running_mean"])
+    assert states[0].buffers["1.num_batches_tracked"].tolist() == [1, 1, 1]

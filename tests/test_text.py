@@ -15,7 +15,7 @@ from kdaudit.config import load_config
 from kdaudit.data import DATASETS, load_data
 from kdaudit.data.files import DatasetMissing
 from kdaudit.data.text import SHAKESPEARE_SHA256, TextConfig, TokenData, tokenize
-from kdaudit.executors import run_local
+from kdaudit.executors import ExecutorConfig, run_grid
 from kdaudit.models import MODELS, build_model
 from kdaudit.protocol import expand
 from kdaudit.store import RunStore
@@ -108,9 +108,11 @@ def test_gpt_models_forward_backward_and_causality(name):
     assert MODELS.get("picogpt").config().n_embd == MODELS.get("nanogpt").config().n_embd // 2
 
 
-def test_language_model_grid_is_paired_and_kd_runs_the_teacher(tmp_path):
-    """alpha = 0 KD reproduces SIDDO bit for bit (same init, windows and dropout masks);
-    the stored logits cover every test position."""
+@pytest.mark.parametrize("stack", [1, 8])
+def test_language_model_grid_is_paired_and_kd_runs_the_teacher(tmp_path, stack):
+    """alpha = 0 KD reproduces SIDDO bit for bit (same init, windows and dropout masks),
+    trained alone or stacked (kdaudit.stacked: dropout stacks only one seed's runs); the
+    stored logits cover every test position."""
     write_text(tmp_path / "data")
     path = write_config(
         tmp_path,
@@ -121,8 +123,12 @@ def test_language_model_grid_is_paired_and_kd_runs_the_teacher(tmp_path):
     )
     cfg = load_config(path)
     out = tmp_path / "out"
-    assert not run_local(cfg, out, "cpu", tmp_path / "data").failed
+    options = ExecutorConfig(stack=stack)
+    assert not run_grid(cfg, out, options, "cpu", data_dir=tmp_path / "data").failed
     store, grid = RunStore(out), expand(cfg)
+    for spec in grid.students:
+        stacked = store.record(spec.run_id)["engine"]["stack"]
+        assert stacked is None if stack == 1 else stacked["data_seeds"] == [spec.data_seed] * 3
     n_positions = len(load_data(cfg.data, tmp_path / "data").labels("test"))
     for seed in (10, 11):
         logits = {(s.condition, s.alpha): np.asarray(store.array(s.run_id, "test_logits"))

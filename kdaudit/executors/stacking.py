@@ -43,15 +43,31 @@ def run_stacked(todo: list[RunSpec], ctx: RunContext, size: int, reporter: Repor
 
 
 def stack_groups(todo: list[RunSpec], size: int) -> list[list[RunSpec]]:
-    """Runs that can train together, at most `size` per group, in grid order (teachers,
-    whose key has no teacher, come first)."""
-    groups: dict[tuple, list[RunSpec]] = {}
+    """Runs that can train together, at most `size` per group. Runs that share a teacher,
+    data, architecture and training config stack; within them the runs of one data seed
+    (the paired conditions of one student seed, which share batches, dropout masks and the
+    teacher's forward pass) stay together in as few stacks as `size` allows, and several
+    seeds' runs fill a stack up to `size`. Teachers, whose key has no teacher, come first."""
+    groups: dict[tuple, dict[int, list[RunSpec]]] = {}
     for spec in todo:
         key = (spec.teacher_id, spec.data, spec.model, spec.train)
         if not stackable(spec):  # alone, in grid order
             key = (spec.run_id,)
-        groups.setdefault(key, []).append(spec)
-    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+        groups.setdefault(key, {}).setdefault(spec.data_seed, []).append(spec)
+    return [stack for seeds in groups.values() for stack in _pack(seeds.values(), size)]
+
+
+def _pack(by_seed, size: int) -> list[list[RunSpec]]:
+    """Each seed's runs in chunks of at most `size`; consecutive chunks share a stack while
+    they fit in it."""
+    chunks = [runs[i : i + size] for runs in by_seed for i in range(0, len(runs), size)]
+    stacks: list[list[RunSpec]] = []
+    for chunk in chunks:
+        if stacks and len(stacks[-1]) + len(chunk) <= size:
+            stacks[-1] = stacks[-1] + chunk
+        else:
+            stacks.append(list(chunk))
+    return stacks
 
 
 def stackable(spec: RunSpec) -> bool:
@@ -74,16 +90,36 @@ def attempt_stack(
         return solo()
     with cpu_threads(ctx.threads):
         data, teachers = _worker_state(ready[0], ctx)
-        start = time.perf_counter()
         built = _build(ready, data, teachers)
-        if built is None or unstackable(built[0][0]) is not None:  # batch norm, dropout
+        if built is None:
             return solo()  # one at a time; `attempt` records a run that cannot be built
-        outcomes = _train_group(ready, built, data, teachers, ctx, reporter)
-        if outcomes is None:  # the stack as a whole failed (out of memory?): one at a time
-            return solo()
-        for spec, (model, _), outcome in zip(ready, built, outcomes, strict=True):
-            results.append((spec, _store(spec, model, outcome, data, store, teachers, ctx, start)))
+        for part in _parts(list(zip(ready, built, strict=True))):
+            results += _train_part(part, data, teachers, ctx, reporter, store)
     return results
+
+
+def _parts(pairs: list[tuple]) -> list[list[tuple]]:
+    """The (spec, (model, objective)) pairs as stacks that can train: one stack, or one per
+    data seed for a model that draws random numbers (dropout; kdaudit.stacked.unstackable)."""
+    models, seeds = [m for _, (m, _) in pairs], [s.data_seed for s, _ in pairs]
+    if unstackable(models, seeds) is None:
+        return [pairs]
+    by_seed: dict[int, list[tuple]] = {}
+    for pair in pairs:
+        by_seed.setdefault(pair[0].data_seed, []).append(pair)
+    return list(by_seed.values())
+
+
+def _train_part(part, data, teachers, ctx: RunContext, reporter: Reporter, store: RunStore):
+    ready, built = [s for s, _ in part], [b for _, b in part]
+    start = time.perf_counter()
+    outcomes = _train_group(ready, built, data, teachers, ctx, reporter)
+    if outcomes is None:  # the stack as a whole failed (out of memory?): one at a time
+        return [(s, attempt(s, ctx, reporter)) for s in ready]
+    return [
+        (spec, _store(spec, model, outcome, data, store, teachers, ctx, start))
+        for spec, (model, _), outcome in zip(ready, built, outcomes, strict=True)
+    ]
 
 
 def _build(ready: list[RunSpec], data, teachers) -> list | None:
