@@ -33,7 +33,8 @@ def run(case, data, cfg: TrainConfig, stack: int) -> None:
         members = [Member(*_model_and_objective(case, data), data_seed=0) for _ in range(stack)]
         train_stacked(members, data, cfg)
     else:
-        train(*_model_and_objective(case, data), cfg, data_seed=0)
+        model, objective = _model_and_objective(case, data)
+        train(model, data, objective, cfg, data_seed=0)
 
 
 def main() -> None:
@@ -69,14 +70,18 @@ def main() -> None:
 
 
 def phases(prof) -> str:
-    """Share of the profiled CPU time in backward ops, optimizer ops and the rest."""
+    """Shares of the profiled CPU time: the autograd engine's backward functions, the
+    optimizer's step and zero_grad, and the rest (forward, loss, batches)."""
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1
-    backward = sum(e.self_cpu_time_total for e in events if "Backward" in e.key)
-    optimizer = sum(e.self_cpu_time_total for e in events if "adam" in e.key.lower())
+    scope = lambda *prefixes: sum(  # noqa: E731
+        e.cpu_time_total for e in events if e.key.startswith(prefixes)
+    )
+    backward = scope("autograd::engine::evaluate_function")
+    optimizer = scope("Optimizer.step#", "Optimizer.zero_grad#")
     rest = total - backward - optimizer
-    return (f"self CPU time: backward nodes {backward / total:.0%}, optimizer "
-            f"{optimizer / total:.0%}, forward, loss and data {rest / total:.0%}")  # fmt: skip
+    return (f"CPU time: backward {backward / total:.0%}, optimizer {optimizer / total:.0%}, "
+            f"forward, loss and batches {rest / total:.0%}")  # fmt: skip
 
 
 if __name__ == "__main__":
