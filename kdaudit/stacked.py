@@ -14,7 +14,10 @@ stream that `train` seeds with the data seed, dropout drawn once for all of them
 randomness="same"), and one teacher forward pass on the batch serving every KD student
 (kdaudit.conditions.model_targets). Runs of several data seeds stack too, each drawing its
 batches from its own stream, but only if the model draws no random numbers in its forward
-pass (`unstackable` says why not).
+pass (`unstackable` says why not). Before the first step the stack checks that its first
+model's logits and gradients equal the model's own (`_check_forward`): a draw vmap cannot
+make as the model alone makes it (dropout on a transposed tensor, as after
+nn.MultiheadAttention) refuses the stack, and the executor trains those runs one at a time.
 
 Numerics (CPU, measured in tests/test_stacked.py): the forward pass is bitwise that of the
 model alone; weight gradients come from batched matmuls that sum in another order, so a
@@ -29,6 +32,7 @@ import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -102,6 +106,8 @@ def train_stacked(
     step = -1
     for step, batches in enumerate(streams.batches(data)):  # one Batch per member
         x = torch.stack([b.x for b in batches])  # (K, B, ...)
+        if step == 0:
+            _check_forward(forward, state, models[0], x, accel)
         with accel.autocast():
             logits = forward(state.views(), state.buffers, x)  # (K, B, C) or (K, B, T, V)
         losses = _losses(members, logits.float(), batches)  # (K,)
@@ -120,6 +126,72 @@ def train_stacked(
         failures.get(k) or TrainResult(step + 1, seconds, {**engine, "stack": _where(k, members)})
         for k in range(len(members))
     ]
+
+
+class StackMismatch(RuntimeError):
+    """The stacked forward pass does not reproduce a model's own; train one at a time."""
+
+
+# Largest difference of the stack's first logits and gradients from the model's own,
+# relative to their scale: rounding (another convolution algorithm) stays near 1e-6 in fp32;
+# a different dropout mask moves them by a sizeable fraction of their scale.
+FORWARD_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
+
+
+def _check_forward(forward, state: StackedState, model: nn.Module, x: torch.Tensor, accel) -> None:
+    """The stack's first training step against its first model's alone, from the same random
+    state and batch-norm statistics, which both leave as they were: the logits and the
+    gradient of a fixed random projection of them (logits alone can hide a difference, e.g.
+    behind a zero-initialised head). Some draws a model makes alone cannot be made in a
+    stack: dropout draws its mask in the memory order of its input, which vmap can change (a
+    transposed attention output, as in nn.MultiheadAttention). Such a stack would train
+    other models than the runs it stands for, so it is refused before it trains."""
+    rng = _rng_state(x.device)
+    views = state.views()
+    stacked = _probe(forward, views, _cloned(state.buffers), x, lambda v: v[0], accel)
+    _set_rng_state(x.device, rng)
+    one = {}  # one tensor per tied group, as functional_call requires
+    params = {n: one.setdefault(id(v), v[0].detach().requires_grad_()) for n, v in views.items()}
+    buffers = {name: b[0].clone() for name, b in state.buffers.items()}
+    mode = model.training
+    alone_forward = partial(functional_call, model.train())
+    alone = _probe(lambda p, b, z: alone_forward((p, b), (z,)), params, buffers, x[0], None, accel)
+    model.train(mode)
+    _set_rng_state(x.device, rng)
+    gap = ((stacked - alone).abs().max() / alone.abs().max().clamp_min(1e-12)).item()
+    if not gap <= FORWARD_TOLERANCE[accel.describe()["precision"]]:
+        raise StackMismatch(
+            f"a stacked {type(model).__name__} trains otherwise than alone (relative "
+            f"difference {gap:.2g}), most likely with other dropout masks"
+        )
+
+
+def _probe(forward, params: dict, buffers: dict, x, first, accel) -> torch.Tensor:
+    """The logits and the gradient of <logits, R> for a fixed R, flattened (of the first
+    model: `first` takes its slice of a stacked tensor)."""
+    with torch.enable_grad(), accel.autocast():
+        logits = forward(params, buffers, x)
+    z = (first(logits) if first else logits).float()
+    r = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z.device)
+    tensors = list({id(v): v for v in params.values()}.values())
+    grads = torch.autograd.grad((z * r).sum(), tensors, allow_unused=True)
+    parts = [g if first is None else first(g) for g in grads if g is not None]
+    return torch.cat([z.detach().flatten(), *(g.flatten() for g in parts)])
+
+
+def _cloned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in tensors.items()}
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _update(optimizer, schedule, loss: torch.Tensor) -> None:

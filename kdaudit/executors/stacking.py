@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import time
 import traceback
+import warnings
 
+from kdaudit.accel import architecture_key
 from kdaudit.conditions import feature_condition
 from kdaudit.executors.core import (
     RunContext,
@@ -27,7 +29,7 @@ from kdaudit.executors.core import (
 from kdaudit.progress import Reporter
 from kdaudit.protocol import RunSpec
 from kdaudit.runner import build_run, finish_run
-from kdaudit.stacked import Member, train_stacked, unstackable
+from kdaudit.stacked import Member, StackMismatch, train_stacked, unstackable
 from kdaudit.store import RunStore
 from kdaudit.train import NonFiniteLoss, total_steps
 
@@ -91,11 +93,16 @@ def attempt_stack(
     with cpu_threads(ctx.threads):
         data, teachers = _worker_state(ready[0], ctx)
         built = _build(ready, data, teachers)
-        if built is None:
+        if built is None or architecture_key(built[0][0]) in _REFUSED:
             return solo()  # one at a time; `attempt` records a run that cannot be built
         for part in _parts(list(zip(ready, built, strict=True))):
             results += _train_part(part, data, teachers, ctx, reporter, store)
     return results
+
+
+# Architectures whose stacked forward pass did not reproduce the model's own (StackMismatch),
+# in this process: their later stacks train one at a time from the start.
+_REFUSED: set[str] = set()
 
 
 def _parts(pairs: list[tuple]) -> list[list[tuple]]:
@@ -142,6 +149,10 @@ def _train_group(ready, built, data, teachers, ctx: RunContext, reporter: Report
         return train_stacked(members, data, cfg, reporter.step)[: len(ready)]
     except (KeyboardInterrupt, SystemExit):
         raise
+    except StackMismatch as err:
+        _REFUSED.add(architecture_key(members[0].model))
+        warnings.warn(f"{err}; its runs train one at a time", stacklevel=1)
+        return None
     except Exception:
         return None
     finally:
