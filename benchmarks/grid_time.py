@@ -1,10 +1,10 @@
 """Wall time of a whole audit grid: kdaudit's engine against a plain PyTorch loop, same run.
 
     python benchmarks/grid_time.py [--config configs/mnist1d.yaml] [--students N]
-        [--stack N] [--sequential | --no-plain] [--set key=value]...
+        [--stack N] [--sequential | --no-plain] [--device cpu|cuda] [--set key=value]...
 
-Both sides train every run of the grid (teachers, then students) on the CPU with one torch
-thread, from the same seeds, data and hyperparameters, and compute the same test metrics.
+Both sides train every run of the grid (teachers, then students) on --device (CPU: one torch
+thread), from the same seeds, data and hyperparameters, and compute the same test metrics.
 The engine side is `run_grid` into a fresh store (stacked with --stack N; --sequential adds
 a side with --stack 1). The plain side is benchmarks/plain_loop.py (vector and image data);
 --no-plain leaves it out and compares --stack N with --stack 1 instead (any modality, text
@@ -42,10 +42,10 @@ METRICS = ("test_accuracy", "activation_distance", "js_divergence", "prediction_
 TOLERANCE = 0.01
 
 
-def engine_side(cfg, stack: int) -> tuple[float, dict]:
+def engine_side(cfg, stack: int, device: str = "cpu") -> tuple[float, dict]:
     out = Path(tempfile.mkdtemp(prefix="kdaudit-grid-"))
     start = time.perf_counter()
-    outcome = run_grid(cfg, out, ExecutorConfig(stack=stack), "cpu")
+    outcome = run_grid(cfg, out, ExecutorConfig(stack=stack), device)
     seconds = time.perf_counter() - start
     if outcome.failed:
         raise RuntimeError(f"engine runs failed: {outcome.failed}")
@@ -58,14 +58,14 @@ def engine_side(cfg, stack: int) -> tuple[float, dict]:
     return seconds, rows
 
 
-def plain_side(cfg) -> tuple[float, dict]:
+def plain_side(cfg, device: str = "cpu") -> tuple[float, dict]:
     data = load_data(cfg.data)
     labels = data.test_y
     start = time.perf_counter()
     teachers, rows = {}, {}
     for spec in expand(cfg).runs:
         teacher = teachers.get(spec.teacher_id)
-        model, _losses = train_plain(spec, data, teacher[0] if teacher else None)
+        model, _losses = train_plain(spec, data, teacher[0] if teacher else None, device)
         logits = plain_logits(model, data.test_x)  # (N_test, K)
         row = {"test_accuracy": accuracy_and_loss(logits, labels)[0]}
         if spec.is_teacher:
@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--sequential", action="store_true", help="also time the engine, --stack 1")
     p.add_argument("--no-plain", action="store_true",
                    help="no plain loop: compare --stack N with --stack 1 (any modality)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -116,10 +117,10 @@ def main() -> None:
     load_data(cfg.data)  # generated/cached once, outside both timings
     print(f"grid {cfg.name}: {n_runs} runs; load average {os.getloadavg()[0]:.2f} at start")
     reference = "engine --stack 1" if args.no_plain else "plain loop"
-    sides = {} if args.no_plain else {"plain loop": plain_side(cfg)}
-    sides[f"engine --stack {args.stack}"] = engine_side(cfg, args.stack)
+    sides = {} if args.no_plain else {"plain loop": plain_side(cfg, args.device)}
+    sides[f"engine --stack {args.stack}"] = engine_side(cfg, args.stack, args.device)
     if args.sequential or args.no_plain:
-        sides["engine --stack 1"] = engine_side(cfg, 1)
+        sides["engine --stack 1"] = engine_side(cfg, 1, args.device)
     ref_s, ref_rows = sides[reference]
     for name, (seconds, rows) in sides.items():
         diff = agreement(ref_rows, rows)

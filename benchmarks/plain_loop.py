@@ -37,10 +37,14 @@ def plain_loss(spec: RunSpec, logits, y, x, teacher: nn.Module | None) -> torch.
     return (1 - spec.alpha) * ce + spec.alpha * t**2 * kl
 
 
-def train_plain(spec: RunSpec, data, teacher: nn.Module | None = None) -> tuple[nn.Module, list]:
-    """Train one run of the grid by hand; the model and its per-step losses."""
+def train_plain(
+    spec: RunSpec, data, teacher: nn.Module | None = None, device: str = "cpu"
+) -> tuple[nn.Module, list]:
+    """Train one run of the grid by hand; the model and its per-step losses. On a GPU the
+    batches are copied to it per step, as a DataLoader user does."""
     cfg = spec.train
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.init_seed)
+    model = model.to(device)
     torch.manual_seed(spec.data_seed)
     dataset = TensorDataset(data.train_x, data.train_y)
     # Not `shuffle=True`: RandomSampler draws one extra permutation per epoch, so even with a
@@ -51,6 +55,7 @@ def train_plain(spec: RunSpec, data, teacher: nn.Module | None = None) -> tuple[
     model.train()
     losses = []
     for x, y in loader:  # every epoch's batches
+        x, y = x.to(device), y.to(device)
         loss = plain_loss(spec, model(x), y, x, teacher)
         optimizer.zero_grad()
         loss.backward()
@@ -61,6 +66,8 @@ def train_plain(spec: RunSpec, data, teacher: nn.Module | None = None) -> tuple[
 
 @torch.no_grad()
 def plain_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Test logits (N, K) through a DataLoader, in eval mode."""
+    """Test logits (N, K) on the CPU through a DataLoader, in eval mode."""
     model.eval()
-    return torch.cat([model(xb) for (xb,) in DataLoader(TensorDataset(x), batch_size)])
+    device = next(model.parameters()).device
+    loader = DataLoader(TensorDataset(x), batch_size)
+    return torch.cat([model(xb.to(device)).cpu() for (xb,) in loader])
