@@ -32,7 +32,6 @@ import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 from torch import nn
@@ -65,17 +64,23 @@ class Member:
 
 def unstackable(models: list[nn.Module], data_seeds: list[int]) -> str | None:
     """Why these models cannot train as one stack (None: they can)."""
-    if len(set(data_seeds)) > 1:
-        for name, module in models[0].named_modules():
-            if _dropout_rate(module) > 0:
-                return (f"{name or 'model'} has dropout {_dropout_rate(module)}: its masks come "
-                        "from the data seed's random stream, so only runs of one seed stack")  # fmt: skip
+    dropout = _first_dropout(models[0])
+    if len(set(data_seeds)) > 1 and dropout is not None:
+        name, rate = dropout
+        return (f"{name} has dropout {rate}: its masks come from the data seed's random "
+                "stream, so only runs of one seed stack")  # fmt: skip
     return None
 
 
 def random_draws(model: nn.Module) -> bool:
     """Whether the model draws random numbers in its training forward pass (dropout)."""
-    return any(_dropout_rate(m) > 0 for m in model.modules())
+    return _first_dropout(model) is not None
+
+
+def _first_dropout(model: nn.Module) -> tuple[str, float] | None:
+    """(module name, rate) of the first module with active dropout, or None."""
+    return next(((name or "model", _dropout_rate(m)) for name, m in model.named_modules()
+                 if _dropout_rate(m) > 0), None)  # fmt: skip
 
 
 def _dropout_rate(module: nn.Module) -> float:
@@ -148,14 +153,14 @@ def _check_forward(forward, state: StackedState, model: nn.Module, x: torch.Tens
     other models than the runs it stands for, so it is refused before it trains."""
     rng = _rng_state(x.device)
     views = state.views()
-    stacked = _probe(forward, views, _cloned(state.buffers), x, lambda v: v[0], accel)
+    stacked = _probe(forward, views, _cloned(state.buffers), x, lambda t: t[0], accel)
     _set_rng_state(x.device, rng)
     one = {}  # one tensor per tied group, as functional_call requires
     params = {n: one.setdefault(id(v), v[0].detach().requires_grad_()) for n, v in views.items()}
     buffers = {name: b[0].clone() for name, b in state.buffers.items()}
     mode = model.training
-    alone_forward = partial(functional_call, model.train())
-    alone = _probe(lambda p, b, z: alone_forward((p, b), (z,)), params, buffers, x[0], None, accel)
+    alone_forward = lambda p, b, z: functional_call(model.train(), (p, b), (z,))  # noqa: E731
+    alone = _probe(alone_forward, params, buffers, x[0], lambda t: t, accel)
     model.train(mode)
     _set_rng_state(x.device, rng)
     gap = ((stacked - alone).abs().max() / alone.abs().max().clamp_min(1e-12)).item()
@@ -167,15 +172,15 @@ def _check_forward(forward, state: StackedState, model: nn.Module, x: torch.Tens
 
 
 def _probe(forward, params: dict, buffers: dict, x, first, accel) -> torch.Tensor:
-    """The logits and the gradient of <logits, R> for a fixed R, flattened (of the first
-    model: `first` takes its slice of a stacked tensor)."""
+    """The logits and the gradient of <logits, R> for a fixed R, flattened, of the model
+    that `first` takes out of a stacked tensor (or out of one model's: the identity)."""
     with torch.enable_grad(), accel.autocast():
         logits = forward(params, buffers, x)
-    z = (first(logits) if first else logits).float()
+    z = first(logits).float()
     r = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z.device)
     tensors = list({id(v): v for v in params.values()}.values())
     grads = torch.autograd.grad((z * r).sum(), tensors, allow_unused=True)
-    parts = [g if first is None else first(g) for g in grads if g is not None]
+    parts = [first(g) for g in grads if g is not None]
     return torch.cat([z.detach().flatten(), *(g.flatten() for g in parts)])
 
 
@@ -212,10 +217,10 @@ class _Streams:
         self.seeds = list(dict.fromkeys(m.data_seed for m in members))  # distinct, in order
         self.of_member = [self.seeds.index(m.data_seed) for m in members]
         self.rng = [torch.Generator().manual_seed(s).get_state() for s in self.seeds]
-        if len(self.seeds) == 1:  # as `train` does: dropout masks come from this stream too
-            torch.manual_seed(self.seeds[0])
 
     def batches(self, data) -> Iterator[list[Batch]]:
+        if len(self.seeds) == 1:  # as `train` does: dropout masks come from this stream too
+            torch.manual_seed(self.seeds[0])
         orders = [batch_order(data.n_train, self.cfg, s) for s in self.seeds]
         for indices in zip(*orders, strict=True):
             per_seed = [self._batch(data, j, idx) for j, idx in enumerate(indices)]
