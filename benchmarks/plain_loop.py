@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kdaudit.engine.loop import batch_order
 from kdaudit.models import build_model
 from kdaudit.protocol import RunSpec
-from kdaudit.train import batch_order
 
 
 def plain_loss(spec: RunSpec, logits, y, x, teacher: nn.Module | None) -> torch.Tensor:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.throughput import _model_and_objective, cases, synthetic  # noqa: E402
 from kdaudit.config import TrainConfig  # noqa: E402
-from kdaudit.stacked import Member, train_stacked  # noqa: E402
-from kdaudit.train import train  # noqa: E402
+from kdaudit.engine.loop import train  # noqa: E402
+from kdaudit.engine.stacking import Member, train_stacked  # noqa: E402
 
 
 def run(case, data, cfg: TrainConfig, stack: int) -> None:

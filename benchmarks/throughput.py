@@ -5,8 +5,8 @@
         [--precision bf16] [--channels-last] [--compile] [--peak-tflops X]
 
 Each model trains on synthetic data of its modality's shape for a few warm-up steps, then
-`--steps` timed steps, on each side in the same process: the engine (`kdaudit.train.train`
-with KD from cached teacher logits; `--stack K`: K models at once with kdaudit.stacked,
+`--steps` timed steps, on each side in the same process: the engine (`kdaudit.engine.loop.train`
+with KD from cached teacher logits; `--stack K`: K models at once with kdaudit.engine.stacking,
 where the model allows) and the plain loop of benchmarks/plain_loop.py (DataLoader,
 loss.item() per step, default Adam, a teacher forward per batch). Language models train
 on plain next-token cross-entropy on both sides. Reported: examples (tokens, for nanogpt)
@@ -32,16 +32,17 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.plain_loop import plain_loss  # noqa: E402
-from kdaudit.conditions import build_objective, cached_targets  # noqa: E402
+from kdaudit.conditions.objectives import build_objective  # noqa: E402
 from kdaudit.config import TrainConfig  # noqa: E402
 from kdaudit.data import TensorData  # noqa: E402
+from kdaudit.engine.loop import train  # noqa: E402
+from kdaudit.engine.stacking import Member, train_stacked  # noqa: E402
+from kdaudit.engine.teachers import cached_targets  # noqa: E402
 from kdaudit.models import build_model  # noqa: E402
 from kdaudit.models.audio import AudioCNNConfig  # noqa: E402
 from kdaudit.models.gpt import GPTConfig  # noqa: E402
 from kdaudit.models.mlp import MLPConfig  # noqa: E402
 from kdaudit.models.vision import CNNConfig, ResNetConfig  # noqa: E402
-from kdaudit.stacked import Member, train_stacked  # noqa: E402
-from kdaudit.train import train  # noqa: E402
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -23,7 +23,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 import kdaudit
 from kdaudit.data import default_data_dir
 from kdaudit.data.vision import read_idx
-from kdaudit.results import accuracy_by_condition
+from kdaudit.store.tables import accuracy_by_condition
 
 CLASSES = 10
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from kdaudit.config import ConfigError
+from kdaudit.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true",
                      help="a tiny grid and training (about a minute) to check the config works")  # fmt: skip
     run.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
-    run.add_argument("--executor", default="local", choices=("local", "ray"),
-                     help="local (this machine) or ray (a Ray cluster; default: local)")  # fmt: skip
+    run.add_argument("--executor", default="local", metavar="NAME",
+                     help="a registered executor: local (this machine, the default) or ray "
+                          "(a Ray cluster)")  # fmt: skip
     run.add_argument("--workers", type=int, metavar="N",
                      help="runs at once: local worker processes (default 1, in this process); "
                           "ray: CPUs of the local cluster in runs (default: all cores)")  # fmt: skip
@@ -80,17 +81,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from kdaudit import api
-    from kdaudit.executors import ExecutorConfig
-    from kdaudit.progress import RichReporter
 
-    executor = ExecutorConfig(args.executor, workers=args.workers, threads=args.threads,
+    executor = api.ExecutorConfig(args.executor, workers=args.workers, threads=args.threads,
                               address=args.address, max_retries=args.max_retries,
                               stack=args.stack)  # fmt: skip
-    outcome, result = api.run(
+    result = api.run(
         args.config, args.out, overrides=args.overrides, device=args.device,
         data_dir=args.data_dir, smoke_test=args.smoke, retry_failed=args.retry_failed,
-        reporter=RichReporter(), executor=executor,
+        reporter=api.RichReporter(), executor=executor,
     )  # fmt: skip
+    outcome = result.outcome
     for path in outcome.quarantined:
         print(f"damaged run directory moved aside and redone: {path}")
     print(f"{outcome.completed} runs completed now, {outcome.skipped} were already complete, "
@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
           f"(of {outcome.total})")  # fmt: skip
     if outcome.failed:
         print("failed runs are listed by `kdaudit status DIR`; rerun them with --retry-failed")
-    if result is not None:
+    if result.analysis is not None:
         _print_result(result)
     return 1 if outcome.failed else 0
 
@@ -111,11 +111,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kdaudit.compare import CompareError, compare  # not via kdaudit.api: see CompareResult
+    from kdaudit import api
 
     try:
-        result = compare(args.manifest, args.out, log=lambda line: print(line, file=sys.stderr))
-    except CompareError as err:
+        result = api.compare(args.manifest, args.out,
+                             log=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    except api.CompareError as err:
         print(f"kdaudit: error: {err}", file=sys.stderr)
         return 2
     _print_result(result)
@@ -123,7 +124,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _print_result(result) -> None:
-    from kdaudit.results import accuracy_by_condition
+    from kdaudit.api import accuracy_by_condition
 
     for t in result.teachers.itertuples():
         known = t.train_accuracy == t.train_accuracy  # NaN when only test logits were given
@@ -149,9 +150,9 @@ def _setting(r) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from kdaudit.executors import grid_status
+    from kdaudit import api
 
-    status = grid_status(args.dir)
+    status = api.status(args.dir)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0

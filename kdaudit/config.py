@@ -16,11 +16,9 @@ from typing import Any
 
 import yaml
 
-from kdaudit.stats import AnalysisOptions
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and what is allowed."""
+from kdaudit.conditions import DEFAULT_GRID
+from kdaudit.errors import ConfigError
+from kdaudit.metrics import functional_metrics
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -68,7 +66,8 @@ class TrainConfig:
 class ProtocolConfig:
     teacher_seeds: tuple[int, ...] = (0, 1, 2)
     student_seeds: tuple[int, ...] = tuple(range(10, 20))
-    conditions: tuple[str, ...] = ("siddo", "kd", "rcd")
+    # registered names, or your own KD loss: {factory: "package.module:function", name: NAME}
+    conditions: tuple[Any, ...] = DEFAULT_GRID
     alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
     temperatures: tuple[float, ...] = (1.0,)
     # None: self-distillation (students share the teacher's architecture and initial weights).
@@ -96,12 +95,18 @@ class ProtocolConfig:
     teacher_feature_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        from kdaudit.conditions import CONDITIONS
+        from kdaudit.conditions import loss_condition, parse_entry
 
-        for name in self.conditions:
-            _check_choice("protocol.conditions", name, tuple(CONDITIONS.names()))
+        entries = tuple(parse_entry(c) for c in self.conditions)
+        object.__setattr__(self, "conditions", entries)  # mappings as typed entries
+        for entry in entries:
+            if not isinstance(entry, str):  # your own loss joins the condition registry
+                loss_condition(entry)
+        names = self.condition_names
+        if len(set(names)) != len(names):
+            raise ConfigError(f"protocol.conditions: a condition is listed twice: {list(names)}")
         self._check_features()
-        if "teacher" in self.conditions:
+        if "teacher" in names:
             raise ConfigError("protocol.conditions: 'teacher' runs are implied; list students only")
         for a in self.alphas:
             if not 0.0 <= a <= 1.0:
@@ -125,10 +130,19 @@ class ProtocolConfig:
                 f"one teacher; give one seed, e.g. teacher_seeds: [0] (got {list(self.teacher_seeds)})"
             )
 
-    def _check_features(self) -> None:
-        from kdaudit.conditions import feature_condition
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        return tuple(c if isinstance(c, str) else c.name for c in self.conditions)
 
-        named = [c for c in self.conditions if feature_condition(c)]
+    def loss_of(self, name: str) -> str | None:
+        """Your own loss's 'package.module:function' for a condition of this grid (else None)."""
+        return next((c.factory for c in self.conditions if getattr(c, "name", c) == name
+                     and not isinstance(c, str)), None)  # fmt: skip
+
+    def _check_features(self) -> None:
+        from kdaudit.conditions import condition
+
+        named = [c for c in self.condition_names if condition(c).features]
         if named and not self.feature_modules:
             raise ConfigError(
                 f"protocol.feature_modules: conditions {named} match features at named modules; "
@@ -146,6 +160,28 @@ class ProtocolConfig:
         """(student module, teacher module) per matched feature."""
         teacher = self.teacher_feature_modules or self.feature_modules
         return tuple(zip(self.feature_modules, teacher, strict=True))
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    fdr_q: float = 0.05  # BH level over the functional metrics of one (setting, control)
+    alpha_level: float = 0.05  # every other tested metric, uncorrected
+    marginal_threshold: float = 0.10  # median relative improvement over SIDDO
+    asymmetry_tolerance: float = 0.01  # |delta_incorrect - delta_correct| counted as equal
+    baseline: str = "accuracy"  # best control B by mean accuracy, or "agreement" per bucket
+    exclude_controls: tuple[str, ...] = ()  # never used as the asymmetry baseline
+    metrics: tuple[str, ...] = (*functional_metrics(), "accuracy", "loss")
+    # targeted error transfer (text grids with protocol.teacher_data): greedy completions of
+    # this prompt in the test text, counted per completion (the paper: "th" -> "a" / "e")
+    targeted_prompt: str = "th"
+    targeted_completions: tuple[str, ...] = ("a", "e")
+
+    def __post_init__(self) -> None:
+        # Checked when the config is loaded, not after hours of training.
+        if self.baseline not in ("accuracy", "agreement"):
+            raise ValueError(
+                f"analysis.baseline: {self.baseline!r} is not allowed; choose accuracy or agreement"
+            )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Pairing rules, all in `_student`:
 So for one (teacher seed, student seed) every condition gets the same init and the same
 minibatches; only the objective differs. Feature-map conditions (fmkd, fmrc) too: their
 projections and fixed random targets come from generators of their own, never from the
-global RNG stream that draws dropout masks (kdaudit.features).
+global RNG stream that draws dropout masks (kdaudit.conditions.features).
 
 Capacity scaling (`protocol.student_widths`) adds a grid axis: the student's width field (the
 one its model registry entry declares) set to a fraction of the teacher's. Every width is a
@@ -26,8 +26,9 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kdaudit.conditions import CONDITIONS, feature_condition
-from kdaudit.config import ConfigError, ExperimentConfig, TrainConfig, to_dict
+from kdaudit.conditions import condition
+from kdaudit.config import ExperimentConfig, TrainConfig, to_dict
+from kdaudit.errors import ConfigError
 
 # Bump when a change to the engine changes what a run computes: old runs are not reused.
 RUN_FORMAT = 1
@@ -60,6 +61,9 @@ class RunSpec:
     checkpoint_sha256: str | None = None
     # feature-map conditions: (student module, teacher module) pairs matched (else empty)
     feature_modules: tuple[tuple[str, str], ...] = ()
+    # your own KD loss ('package.module:function'): a worker process that never read the
+    # config builds the condition from it (kdaudit.conditions.loss_condition)
+    loss: str | None = None
 
     @property
     def is_teacher(self) -> bool:
@@ -91,9 +95,19 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class TeacherPlan:
+    """What a grid asks of its teachers, decided once from the config (the rest depends on
+    the data: kdaudit.engine.teachers.keeps_weights)."""
+
+    save_weights: bool = False  # store.save_weights: every run keeps its weights
+    features: bool = False  # some students run the teacher model (feature-map conditions)
+
+
+@dataclass(frozen=True)
 class Grid:
     teachers: tuple[RunSpec, ...]
     students: tuple[RunSpec, ...]
+    plan: TeacherPlan = TeacherPlan()
 
     @property
     def runs(self) -> tuple[RunSpec, ...]:
@@ -113,10 +127,15 @@ def expand(cfg: ExperimentConfig) -> Grid:
         teachers.append(teacher)
         for s_seed in cfg.protocol.student_seeds:
             for width in cfg.protocol.student_widths or (None,):
-                for name in cfg.protocol.conditions:
+                for name in cfg.protocol.condition_names:
                     for alpha, temp in _settings(cfg, name):
                         students.append(_student(cfg, teacher, s_seed, name, alpha, temp, width))
-    return Grid(tuple(teachers), tuple(students))
+    return Grid(tuple(teachers), tuple(students), teacher_plan(cfg))
+
+
+def teacher_plan(cfg: ExperimentConfig) -> TeacherPlan:
+    features = any(condition(c).features for c in cfg.protocol.condition_names)
+    return TeacherPlan(save_weights=cfg.store.save_weights, features=features)
 
 
 def _teacher(cfg: ExperimentConfig, seed: int) -> RunSpec:
@@ -148,10 +167,11 @@ def _student(cfg, teacher: RunSpec, seed: int, name: str, alpha, temp, width=Non
     shared_init = cfg.self_distillation and width is None and not cfg.pretrained_teacher
     init_seed = teacher.init_seed if shared_init else seed
     model = cfg.student_model if width is None else scaled_model(cfg, width)
-    features = cfg.protocol.feature_pairs if feature_condition(name) else ()
+    features = cfg.protocol.feature_pairs if condition(name).features else ()
     return RunSpec(
         name, teacher.teacher_seed, seed, alpha, temp, init_seed, seed,
         cfg.data, model, cfg.train, teacher.run_id, width=width, feature_modules=features,
+        loss=cfg.protocol.loss_of(name),
     )  # fmt: skip
 
 
@@ -183,7 +203,7 @@ def width_field(model_name: str) -> tuple[str, str | None]:
 
 
 def _settings(cfg: ExperimentConfig, name: str) -> list[tuple[float | None, float | None]]:
-    params = CONDITIONS.get(name).info["params"]
+    params = condition(name).params
     alphas = cfg.protocol.alphas if "alpha" in params else (None,)
     temps = cfg.protocol.temperatures if "temperature" in params else (None,)
     return [(a, t) for a in alphas for t in temps]

@@ -1,9 +1,14 @@
-"""Registries: build things by name, and fail with the list of names that exist."""
+"""Registries: things by name, failing with the list of names that exist.
+
+Two kinds of entry share one table: builders (`register`: a factory and the dataclass of its
+settings, as timm's register_model; datasets, models) and typed descriptions (`add`: an
+object with a `name`, e.g. a condition or a metric, read by attribute, never by string key).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -14,39 +19,46 @@ class Entry(Generic[T]):
     name: str
     build: Callable[..., T]
     config: type | None  # dataclass holding this entry's settings
-    info: dict[str, Any]  # static facts about the entry (e.g. a condition's grid axes)
+    info: dict[str, Any] = field(default_factory=dict)  # static facts (e.g. a model's width)
 
 
 class Registry(Generic[T]):
-    """A name -> (factory, config class) table, like timm's register_model/create_model."""
+    """A name -> entry table, in the order of registration."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._entries: dict[str, Entry[T]] = {}
+        self._entries: dict[str, Any] = {}
+
+    def add(self, entry: T) -> T:
+        """Register a typed description (any object with a `name`)."""
+        if entry.name in self._entries:
+            raise ValueError(f"{self.kind} {entry.name!r} is registered twice")
+        self._entries[entry.name] = entry
+        return entry
 
     def register(
         self, name: str, config: type | None = None, **info: Any
-    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def add(build: Callable[..., T]) -> Callable[..., T]:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, build, config, info)
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering a builder `build(cfg, ...)` under `name`."""
+
+        def add(build: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(Entry(name, build, config, info))
             return build
 
         return add
 
-    def get(self, name: str) -> Entry[T]:
+    def get(self, name: str) -> T:
         if name not in self._entries:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._entries[name]
 
-    def build(self, cfg: Any, *args: Any, **kwargs: Any) -> T:
+    def build(self, cfg: Any, *args: Any, **kwargs: Any) -> Any:
         return self.get(cfg.name).build(cfg, *args, **kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def entries(self) -> list[Entry[T]]:
+    def entries(self) -> list[T]:
         """Every entry, in the order of registration."""
         return list(self._entries.values())
 

@@ -1,13 +1,13 @@
 """Paired statistics for the transfer decision (PROTOCOL sections 5 and 6).
 
 Input is the tidy run table, one row per run per metric. A *setting* is one
-(teacher_seed, alpha, temperature, width) of a treatment condition ("kd", "fmkd"); its runs
-are paired with the runs of each of its controls at the same student width by student seed,
-which is what makes the Wilcoxon signed-rank tests paired. Which controls a treatment has,
-and which setting parameters each shares with it, is a `Designs` table: by default the
-condition registry's (kdaudit.conditions.designs(): kd against SIDDO and RCD, with LS shown
-outside the verdict; fmkd against SIDDO and FMRC). A parameter a condition does not have
-(fmkd's temperature) is NaN. `width` (capacity grids) is optional: a table without it
+(teacher_seed, alpha, temperature, width) of a treatment condition; its runs are paired with
+the runs of each of its controls at the same student width by student seed, which is what
+makes the Wilcoxon signed-rank tests paired. Which controls a treatment has, and which
+setting parameters each shares with it, is a `Designs` table passed in (by default the
+condition registry's, kdaudit.conditions.designs()). A parameter a condition does not have
+(a feature-map treatment's temperature) is NaN. The metrics, their better directions and
+which of them are functional come from the metric registry (kdaudit.metrics). `width` (capacity grids) is optional: a table without it
 is one width, NaN.
 Everything here computes at full precision; rounding and formatting belong to the report.
 """
@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from kdaudit.metrics import BETTER, FUNCTIONAL_METRICS
+from kdaudit.conditions import Designs, label
+from kdaudit.conditions import designs as registered_designs
+from kdaudit.config import AnalysisOptions
+from kdaudit.metrics import better_directions, functional_metrics
 
 REQUIRED_COLUMNS = (
     "run_id",
@@ -37,20 +40,6 @@ REQUIRED_COLUMNS = (
 SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature", "width")
 
 
-@dataclass(frozen=True)
-class Design:
-    """A treatment's controls, each with the setting parameters it shares with the treatment's
-    setting (every control also shares the student width)."""
-
-    verdict: Mapping[str, tuple[str, ...]]  # the controls the verdict needs, in order
-    also: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tested, shown only
-
-    @property
-    def controls(self) -> dict[str, tuple[str, ...]]:
-        return {**self.verdict, **self.also}
-
-
-Designs = Mapping[str, Design]  # treatment condition -> its design
 DIRECTIONS = ("lower", "higher")
 BASELINES = ("accuracy", "agreement")
 VERDICTS = ("supported", "marginal", "not_supported")
@@ -154,28 +143,6 @@ def apply_fdr(tests: Sequence[PairedTest], q: float) -> tuple[PairedTest, ...]:
 
 
 @dataclass(frozen=True)
-class AnalysisOptions:
-    fdr_q: float = 0.05  # BH level over the functional metrics of one (setting, control)
-    alpha_level: float = 0.05  # every other tested metric, uncorrected
-    marginal_threshold: float = 0.10  # median relative improvement over SIDDO
-    asymmetry_tolerance: float = 0.01  # |delta_incorrect - delta_correct| counted as equal
-    baseline: str = "accuracy"  # best control B by mean accuracy, or "agreement" per bucket
-    exclude_controls: tuple[str, ...] = ()  # never used as the asymmetry baseline
-    metrics: tuple[str, ...] = (*FUNCTIONAL_METRICS, "accuracy", "loss")
-    # targeted error transfer (text grids with protocol.teacher_data): greedy completions of
-    # this prompt in the test text, counted per completion (the paper: "th" -> "a" / "e")
-    targeted_prompt: str = "th"
-    targeted_completions: tuple[str, ...] = ("a", "e")
-
-    def __post_init__(self) -> None:
-        # Checked when the config is loaded, not after hours of training.
-        if self.baseline not in ("accuracy", "agreement"):
-            raise ValueError(
-                f"analysis.baseline: {self.baseline!r} is not allowed; choose accuracy or agreement"
-            )
-
-
-@dataclass(frozen=True)
 class ControlComparison:
     teacher_seed: int
     condition: str
@@ -262,13 +229,13 @@ class SettingResult:
     temperature: float
     n: int  # KD runs of this setting
     verdict: str
-    n_significant: int  # functional metrics significant vs both SIDDO and RCD
-    relative_improvement: float  # median over functional metrics, positive = KD better
+    n_significant: int  # functional metrics significant vs every verdict control
+    relative_improvement: float  # median over functional metrics vs the reference, + = better
     comparisons: tuple[ControlComparison, ...]
     asymmetry: Asymmetry
     note: str = ""
     width: float = math.nan  # student width fraction (capacity grids)
-    verdict_controls: tuple[str, ...] = ("siddo", "rcd")  # the controls the verdict needs
+    verdict_controls: tuple[str, ...] = ()  # the controls the verdict needs, reference first
 
     def comparison(self, control: str) -> ControlComparison | None:
         return next((c for c in self.comparisons if c.control == control), None)
@@ -373,12 +340,16 @@ def check_columns(runs: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------- analysis
 
 
+DEFAULT_OPTIONS = AnalysisOptions()
+
+
 def analyse(
-    runs: pd.DataFrame, options: AnalysisOptions = AnalysisOptions(), designs: Designs | None = None
+    runs: pd.DataFrame, options: AnalysisOptions = DEFAULT_OPTIONS, designs: Designs | None = None
 ) -> Analysis:
+    # designs: treatment -> its controls; None: the condition registry's
     """Test every treatment setting against its paired controls and decide the verdicts."""
     check_columns(runs)
-    designs = default_designs() if designs is None else designs
+    designs = registered_designs() if designs is None else designs
     _check_options(options, designs)
     runs = with_width(runs).assign(value=runs["value"].astype(np.float64))
     settings = [
@@ -387,14 +358,6 @@ def analyse(
         for key in _treatment_settings(runs, treatment)
     ]
     return Analysis(tuple(settings), options)
-
-
-def default_designs() -> Designs:
-    """The condition registry's treatments and controls. Imported here, not at the top, so
-    that this module stays free of torch for callers that pass their own designs."""
-    from kdaudit.conditions import designs
-
-    return designs()
 
 
 def known_controls(designs: Designs) -> tuple[str, ...]:
@@ -409,9 +372,10 @@ def _check_options(options: AnalysisOptions, designs: Designs) -> None:
     unknown = [c for c in options.exclude_controls if c not in known]
     if unknown:
         raise ValueError(f"exclude_controls has unknown controls {unknown}; known: {known}")
-    unknown = [m for m in options.metrics if m not in BETTER]
+    better = better_directions()
+    unknown = [m for m in options.metrics if m not in better]
     if unknown:
-        raise ValueError(f"metrics has unknown metrics {unknown}; known: {sorted(BETTER)}")
+        raise ValueError(f"metrics has unknown metrics {unknown}; known: {sorted(better)}")
 
 
 def _treatment_settings(runs: pd.DataFrame, treatment: str) -> list[tuple]:
@@ -497,9 +461,10 @@ def _compare(kd, control, name, keys, width, options: AnalysisOptions) -> Contro
         pairs = pd.concat([kd.loc[seeds, metric], control.loc[seeds, metric]], axis=1).dropna()
         if not pairs.empty:
             t, c = pairs.to_numpy().T
-            test = paired_wilcoxon(t, c, BETTER[metric], metric=metric, level=options.alpha_level)
-            tests.append(test)
-    family = [i for i, t in enumerate(tests) if t.metric in FUNCTIONAL_METRICS]
+            better = better_directions()[metric]
+            tests.append(paired_wilcoxon(t, c, better, metric=metric, level=options.alpha_level))
+    functional = functional_metrics()
+    family = [i for i, t in enumerate(tests) if t.metric in functional]
     adjusted_family = apply_fdr([tests[i] for i in family], options.fdr_q)
     for i, adjusted in zip(family, adjusted_family, strict=True):
         tests[i] = adjusted
@@ -510,19 +475,19 @@ def _verdict(comparisons, verdict_controls, options) -> tuple[str, int, float, l
     """Supported when a majority of the functional metrics beat every verdict control."""
     by_name = {c.control: c for c in comparisons}
     missing = [c for c in verdict_controls if c not in by_name]
-    rel = _relative_improvement(by_name["siddo"]) if "siddo" in by_name else math.nan
+    reference = verdict_controls[0] if verdict_controls else None
+    rel = _relative_improvement(by_name[reference]) if reference in by_name else math.nan
     if missing:
-        names = " and ".join(m.upper() for m in missing)
+        names = " and ".join(label(m) for m in missing)
         return "not_supported", 0, rel, [f"no {names} runs to compare with: verdict needs both"]
-    n_sig = sum(
-        all(_significant(by_name[c], m) for c in verdict_controls) for m in FUNCTIONAL_METRICS
-    )
-    if n_sig <= len(FUNCTIONAL_METRICS) / 2:
+    functional = functional_metrics()
+    n_sig = sum(all(_significant(by_name[c], m) for c in verdict_controls) for m in functional)
+    if n_sig <= len(functional) / 2:
         return "not_supported", n_sig, rel, []
     if rel < options.marginal_threshold:
         return "marginal", n_sig, rel, []
-    notes = [] if not math.isnan(rel) else ["relative improvement undefined (SIDDO mean 0)"]
-    return "supported", n_sig, rel, notes
+    undefined = f"relative improvement undefined ({label(reference)} mean 0)"
+    return "supported", n_sig, rel, [] if not math.isnan(rel) else [undefined]
 
 
 def _significant(comparison: ControlComparison, metric: str) -> bool:
@@ -530,11 +495,12 @@ def _significant(comparison: ControlComparison, metric: str) -> bool:
     return test is not None and test.significant
 
 
-def _relative_improvement(siddo: ControlComparison) -> float:
-    """Median over functional metrics of the KD gain over SIDDO, relative to |SIDDO|."""
+def _relative_improvement(reference: ControlComparison) -> float:
+    """Median over functional metrics of the treatment's gain over the reference control
+    (the independent model, SIDDO), relative to |reference|."""
     gains = []
-    for metric in FUNCTIONAL_METRICS:
-        t = siddo.test(metric)
+    for metric in functional_metrics():
+        t = reference.test(metric)
         if t is None or t.mean_control == 0:
             continue
         sign = 1.0 if t.better == "higher" else -1.0
@@ -546,8 +512,8 @@ def _pairing_notes(kd: pd.DataFrame, comparisons, treatment: str) -> list[str]:
     notes = []
     for c in comparisons:
         if c.n < len(kd):
-            notes.append(f"{len(kd) - c.n} {treatment.upper()} run(s) without a paired "
-                         f"{c.control.upper()} run")  # fmt: skip
+            notes.append(f"{len(kd) - c.n} {label(treatment)} run(s) without a paired "
+                         f"{label(c.control)} run")  # fmt: skip
     return notes
 
 
@@ -646,12 +612,14 @@ SWEEP_COLUMNS += ["delta_incorrect", "sem_incorrect", "asymmetry", "sem_asymmetr
 SWEEP_COLUMNS += ["relative_improvement", "n_transfer"]
 
 
-def delta_sweep(analysis: Analysis, treatment: str = "kd") -> pd.DataFrame:
-    """Agreement deltas per (alpha, T, width) of one treatment (KD by default), pooled over
+def delta_sweep(analysis: Analysis, treatment: str | None = None) -> pd.DataFrame:
+    """Agreement deltas per (alpha, T, width) of one treatment (by default the first of the
+    analysis, in registry order: KD when present), pooled over
     teacher seeds: mean, SEM and n of the per-seed d_correct, d_incorrect and their
     difference (asymmetry, > 0 negative), each (teacher seed, student seed) pair one value;
     with the mean relative improvement over SIDDO and how many teacher seeds' verdicts found
     transfer (supported or marginal)."""
+    treatment = treatment or first_treatment(analysis)
     deltas = analysis.asymmetry_frame()
     deltas = deltas[deltas["condition"] == treatment]
     if deltas.empty:
@@ -672,6 +640,11 @@ def delta_sweep(analysis: Analysis, treatment: str = "kd") -> pd.DataFrame:
     return frame.merge(transfer, on=SWEEP_KEYS, how="left")[SWEEP_COLUMNS]
 
 
+def first_treatment(analysis: Analysis) -> str | None:
+    """The analysis's first treatment (its settings follow the registry's order)."""
+    return analysis.settings[0].condition if analysis.settings else None
+
+
 def _transfer_by_setting(analysis: Analysis, treatment: str) -> pd.DataFrame:
     verdicts = analysis.verdicts_frame()
     verdicts = verdicts[verdicts["condition"] == treatment]
@@ -682,34 +655,42 @@ def _transfer_by_setting(analysis: Analysis, treatment: str) -> pd.DataFrame:
     ).reset_index()
 
 
-# ----------------------------------------------------------------------------- LS vs RCD
-
-LS_RCD_COLUMNS = ["teacher_seed", "alpha", "width", "metric", "n", "max_abs_paired_diff"]
-LS_RCD_COLUMNS += ["mean_ls", "mean_rcd", "abs_mean_diff"]
+# ----------------------------------------------------------------------------- equal conditions
 
 
-def ls_rcd_differences(runs: pd.DataFrame) -> pd.DataFrame:
-    """Label smoothing at epsilon = alpha against RCD at the same alpha and T = 1 (where the two
-    losses differ by a constant): per (teacher seed, alpha, width, metric), over the student
-    seeds both have, the largest |LS - RCD| of a paired run and |mean LS - mean RCD|."""
+def equivalence_columns(a: str, b: str) -> list[str]:
+    columns = ["teacher_seed", "alpha", "width", "metric", "n", "max_abs_paired_diff"]
+    return columns + [f"mean_{a}", f"mean_{b}", "abs_mean_diff"]
+
+
+def equivalence_differences(
+    runs: pd.DataFrame, a: str, b: str, b_at: Sequence[tuple[str, float]] = ()
+) -> pd.DataFrame:
+    """Condition `a` against `b`, which it equals up to a constant at `b`'s params `b_at`
+    (label smoothing at epsilon = alpha and RCD at the same alpha and T = 1): per (teacher
+    seed, alpha, width, metric), over the student seeds both have, the largest |a - b| of a
+    paired run and |mean a - mean b|."""
     runs = with_width(runs)
-    ls = runs[runs["condition"] == "ls"]
-    rcd = runs[(runs["condition"] == "rcd") & np.isclose(runs["temperature"], 1.0)]
+    first = runs[runs["condition"] == a]
+    second = runs[runs["condition"] == b]
+    for param, value in b_at:
+        second = second[np.isclose(second[param], value)]
     keys = ["teacher_seed", "alpha", "width", "student_seed", "metric"]
-    pairs = ls[[*keys, "value"]].merge(rcd[[*keys, "value"]], on=keys, suffixes=("_ls", "_rcd"))
+    pairs = first[[*keys, "value"]].merge(second[[*keys, "value"]], on=keys, suffixes=("_a", "_b"))
     pairs = pairs[~pairs["metric"].str.startswith("n_teacher")]  # the teacher's, not the run's
+    columns = equivalence_columns(a, b)
     if pairs.empty:
-        return pd.DataFrame(columns=LS_RCD_COLUMNS)
-    pairs = pairs.assign(abs_diff=(pairs["value_ls"] - pairs["value_rcd"]).abs())
+        return pd.DataFrame(columns=columns)
+    pairs = pairs.assign(abs_diff=(pairs["value_a"] - pairs["value_b"]).abs())
     grouped = pairs.groupby([k for k in keys if k != "student_seed"], dropna=False, sort=True)
     frame = grouped.agg(
         n=("abs_diff", "count"),
         max_abs_paired_diff=("abs_diff", "max"),
-        mean_ls=("value_ls", "mean"),
-        mean_rcd=("value_rcd", "mean"),
+        mean_a=("value_a", "mean"),
+        mean_b=("value_b", "mean"),
     ).reset_index()
-    frame["abs_mean_diff"] = (frame["mean_ls"] - frame["mean_rcd"]).abs()
-    return frame[LS_RCD_COLUMNS]
+    frame["abs_mean_diff"] = (frame["mean_a"] - frame["mean_b"]).abs()
+    return frame.rename(columns={"mean_a": f"mean_{a}", "mean_b": f"mean_{b}"})[columns]
 
 
 # ----------------------------------------------------------------------------- targeted
@@ -718,7 +699,7 @@ TARGETED_KEYS = ["teacher_seed", "condition", "alpha", "temperature", "width", "
 
 
 def targeted_summary(counts: pd.DataFrame) -> pd.DataFrame:
-    """Mean, SEM and n over runs of the prompt-completion counts (results.targeted_counts)
+    """Mean, SEM and n over runs of the prompt-completion counts (kdaudit.store.tables.targeted_counts)
     per (teacher seed, condition, alpha, T, width, completion); a teacher is one run."""
     counts = with_width(counts).assign(count=counts["count"].astype(np.float64))
     grouped = counts.groupby(TARGETED_KEYS, dropna=False, sort=True)["count"]

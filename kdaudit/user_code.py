@@ -17,14 +17,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kdaudit.config import ConfigError
+from kdaudit.errors import UserCodeError
 
 # package.module:function, the function possibly nested (Class.method)
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-
-
-class UserCodeError(ConfigError):
-    """User code named in a config or passed to `audit()` cannot be used; says why and the fix."""
 
 
 def check_reference(ref: Any) -> None:

@@ -233,7 +233,8 @@ def test_a_checkpoint_in_a_config_is_loaded_and_students_get_their_own_init(tmp_
     torch.save(trained.state_dict(), tmp_path / "teacher.pt")
     path = write_config(tmp_path, protocol={"teacher_checkpoint": str(tmp_path / "teacher.pt"),
                                             "teacher_seeds": [0]})  # fmt: skip
-    outcome, result = api.run(path, tmp_path / "out", device="cpu")
+    result = api.run(path, tmp_path / "out", device="cpu")
+    outcome = result.outcome
     assert outcome.completed == 7 and not outcome.failed
     store = RunStore(tmp_path / "out")
     pinned = store.load_experiment()  # the sha256 is recorded: the report needs no file

@@ -7,14 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdaudit.conditions import (
-    CONDITIONS,
-    Batch,
-    build_objective,
-    cached_targets,
-    distillation_loss,
-    model_targets,
-)
+from kdaudit.conditions import CONDITIONS, Condition
+from kdaudit.conditions.objectives import Batch, build_objective, distillation_loss
+from kdaudit.engine.teachers import cached_targets, model_targets
 
 
 def _log_softmax(z):
@@ -108,10 +103,9 @@ def test_kd_without_teacher_outputs_is_an_error():
 
 def test_every_condition_is_registered_with_its_grid_axes():
     assert set(CONDITIONS.names()) >= {"teacher", "siddo", "kd", "rcd", "ls"}
-    for name in CONDITIONS.names():
-        info = CONDITIONS.get(name).info
-        assert set(info) == {"params", "needs_teacher", "control", "controls", "also_compared",
-                             "features"}  # fmt: skip
+    for entry in CONDITIONS.entries():  # typed descriptions, no untyped info dicts
+        assert isinstance(entry, Condition) and set(entry.params) <= {"alpha", "temperature"}
+        assert all(CONDITIONS.get(c).role == "control" for c in entry.controls)
     with pytest.raises(KeyError, match="unknown condition 'nope'; registered: "):
         CONDITIONS.get("nope")
 

@@ -67,7 +67,7 @@ def test_data_dir_comes_from_the_flag_else_the_config(tiny_config, tmp_path, mon
 
     seen = []
     monkeypatch.setattr(
-        api, "run_grid", lambda cfg, out, ex, dev, data_dir, *a: seen.append(data_dir)
+        "kdaudit.executors.run_grid", lambda cfg, out, ex, dev, data_dir, *a: seen.append(data_dir)
     )
     monkeypatch.setattr(api, "expand", lambda cfg: type("G", (), {"students": ()})())
     from_config = tmp_path / "from-config"

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdaudit import conditions, runner
 from kdaudit.cli import main
+from kdaudit.conditions import objectives as conditions
 from kdaudit.config import load_config
+from kdaudit.engine import run as runner
 from kdaudit.executors import grid_status, run_local
 from kdaudit.protocol import expand
 from kdaudit.store import RunStore
@@ -79,7 +80,7 @@ def test_a_nan_loss_is_recorded_as_failed_and_the_grid_goes_on(tiny_config, tmp_
         objective = original(name, *args, **kwargs)
         return (lambda z, batch: objective(z, batch) * float("nan")) if name == "kd" else objective
 
-    monkeypatch.setattr("kdaudit.runner.build_objective", poisoned)
+    monkeypatch.setattr("kdaudit.engine.run.build_objective", poisoned)
     cfg = load_config(tiny_config)
     outcome = run_local(cfg, tmp_path / "out", "cpu")
     assert len(outcome.failed) == 2 and outcome.completed == 5
@@ -88,7 +89,7 @@ def test_a_nan_loss_is_recorded_as_failed_and_the_grid_goes_on(tiny_config, tmp_
     assert "NaN or inf between steps" in status["failed_runs"][0]["error"]
     assert status["failed_runs"][0]["step"] == 19  # checked at the end of the 20 steps
     # not retried by default; retried (and now fine) with retry_failed
-    monkeypatch.setattr("kdaudit.runner.build_objective", original)
+    monkeypatch.setattr("kdaudit.engine.run.build_objective", original)
     assert run_local(cfg, tmp_path / "out", "cpu").completed == 0
     assert run_local(cfg, tmp_path / "out", "cpu", retry_failed=True).completed == 2
     assert grid_status(tmp_path / "out")["failed"] == 0
@@ -102,14 +103,14 @@ def test_students_of_a_failed_teacher_wait_for_it(tiny_config, tmp_path, monkeyp
         raise RuntimeError("boom")
 
     real_train = runner.train
-    monkeypatch.setattr("kdaudit.runner.train", broken)
+    monkeypatch.setattr("kdaudit.engine.run.train", broken)
     cfg = load_config(tiny_config)
     outcome = run_local(cfg, tmp_path / "out", "cpu")
     assert len(outcome.failed) == 1 and outcome.blocked == 6 and outcome.completed == 0
     status = grid_status(tmp_path / "out")
     assert status["failed_runs"][0]["error"] == "RuntimeError: boom"
     assert status["conditions"]["kd"]["blocked"] == 2
-    monkeypatch.setattr("kdaudit.runner.train", real_train)
+    monkeypatch.setattr("kdaudit.engine.run.train", real_train)
     assert run_local(cfg, tmp_path / "out", "cpu").completed == 0  # failures need a retry
     assert run_local(cfg, tmp_path / "out", "cpu", retry_failed=True).completed == 7
 

@@ -14,16 +14,17 @@ import torch
 
 from kdaudit.config import ConfigError, load_config
 from kdaudit.data import load_data
+from kdaudit.engine.evaluate import predict
+from kdaudit.engine.loop import batch_order
+from kdaudit.engine.teachers import Teachers
 from kdaudit.executors import run_local
 from kdaudit.models import build_model
 from kdaudit.protocol import expand, smoke
 from kdaudit.report import write_report
-from kdaudit.results import load_runs, load_teachers, targeted_transfer
-from kdaudit.runner import TeacherOutputs
-from kdaudit.stats import analyse, delta_sweep, ls_rcd_differences, targeted_summary
+from kdaudit.stats import analyse, delta_sweep, equivalence_differences, targeted_summary
 from kdaudit.store import RunStore
-from kdaudit.targeted import completion_counts, prompt_rows
-from kdaudit.train import batch_order, predict
+from kdaudit.store.tables import load_runs, load_teachers, targeted_transfer
+from kdaudit.store.targeted import completion_counts, prompt_rows
 from tests.conftest import write_config
 from tests.report_helpers import _run_rows, synthetic_teachers
 from tests.test_text import write_text
@@ -210,7 +211,7 @@ def test_ls_rcd_differences_by_hand():
     # RCD at T = 2 is not LS's equal: never paired with it
     rows.append(dict(keys, run_id="r2", student_seed=10, condition="rcd", temperature=2.0,
                      value=0.1))  # fmt: skip
-    frame = ls_rcd_differences(pd.DataFrame(rows))
+    frame = equivalence_differences(pd.DataFrame(rows), "ls", "rcd", (("temperature", 1.0),))
     (row,) = frame.itertuples()
     assert row.n == 3
     assert row.max_abs_paired_diff == pytest.approx(0.03)
@@ -297,7 +298,7 @@ def test_a_teacher_on_other_text_is_compared_on_the_students_text(tmp_path, monk
     clean = load_data(cfg.data, data_dir)
     teacher = grid.teachers[0]
     assert teacher.students_data == cfg.data and teacher.data.name == "tinyshakespeare_tha"
-    model = TeacherOutputs(store, torch.device("cpu")).model(teacher.run_id, clean)
+    model = Teachers(store, torch.device("cpu")).model(teacher.run_id, clean)
     on_clean = predict(model, clean, "test", 64)  # (N_test, V), by hand
     # its stored outputs are on its own text; its students are compared on theirs
     assert not np.allclose(store.array(teacher.run_id, "test_logits"), on_clean.numpy())

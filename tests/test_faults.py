@@ -8,8 +8,9 @@ import signal
 import subprocess
 import time
 
-from kdaudit import api, conditions
+from kdaudit import api
 from kdaudit.cli import main
+from kdaudit.conditions import objectives as conditions
 from kdaudit.config import load_config
 from kdaudit.executors import grid_status, run_local
 from kdaudit.protocol import expand
@@ -144,10 +145,11 @@ def test_the_report_lists_failed_runs_and_excludes_them(tmp_path, monkeypatch):
     from kdaudit.executors import core
 
     real_execute = core.execute
-    monkeypatch.setattr("kdaudit.runner.build_objective", poisoned)
+    monkeypatch.setattr("kdaudit.engine.run.build_objective", poisoned)
     monkeypatch.setattr(core, "execute", execute)
     config = write_config(tmp_path, protocol={"student_seeds": [10, 11, 12]})
-    outcome, result = api.run(config, tmp_path / "out", device="cpu")
+    result = api.run(config, tmp_path / "out", device="cpu")
+    outcome = result.outcome
     (failed,) = outcome.failed
     assert failed.startswith("kd_a0.5_T1_t0_s11")
     kd = result.runs[(result.runs.condition == "kd") & (result.runs.metric == "accuracy")]

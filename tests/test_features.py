@@ -8,17 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from kdaudit.conditions import Batch, build_objective, objective_parameters
+from kdaudit.conditions.features import FeatureSetup, FeatureTaps, Projection, channel_dim
+from kdaudit.conditions.objectives import Batch, build_objective, objective_parameters
 from kdaudit.config import ConfigError, load_config
 from kdaudit.data import load_data
+from kdaudit.engine.loop import train
+from kdaudit.engine.run import build_run, execute
+from kdaudit.engine.teachers import Teachers
 from kdaudit.executors import run_local
-from kdaudit.executors.stacking import stack_groups
-from kdaudit.features import FeatureSetup, FeatureTaps, Projection, channel_dim
+from kdaudit.executors.local_stack import stack_groups
 from kdaudit.protocol import expand
-from kdaudit.runner import TeacherOutputs, build_run, execute
 from kdaudit.stats import analyse
 from kdaudit.store import RunStore
-from kdaudit.train import train
 from tests.conftest import write_config
 from tests.test_stats import ALL_FUNCTIONAL, BASE, frame, rows, values
 
@@ -135,7 +136,7 @@ def test_fmkd_and_fmrc_are_paired_with_siddo(tmp_path):
     run_local(cfg, out, "cpu")
     store = RunStore(out)
     assert (store.runs / grid.teachers[0].run_id / "weights.safetensors").is_file()
-    data, teachers = load_data(cfg.data), TeacherOutputs(store, torch.device("cpu"))
+    data, teachers = load_data(cfg.data), Teachers(store, torch.device("cpu"))
     for seed in (10, 11):
         runs = {(s.condition, s.alpha): s for s in grid.students if s.student_seed == seed}
         siddo = runs[("siddo", None)]
@@ -151,7 +152,7 @@ def test_fmkd_and_fmrc_are_paired_with_siddo(tmp_path):
 
 def _same_batches(grid, data, out):
     store = RunStore(out)
-    teachers = TeacherOutputs(store, torch.device("cpu"))
+    teachers = Teachers(store, torch.device("cpu"))
     seen = {}
     for spec in grid.runs:
         batches = seen.setdefault(spec.run_id, [])

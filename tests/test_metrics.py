@@ -14,7 +14,6 @@ from scipy.special import softmax
 from scipy.stats import entropy
 from sklearn.metrics import accuracy_score, log_loss, mutual_info_score
 
-from kdaudit import metrics
 from kdaudit.metrics import (
     BETTER,
     FUNCTIONAL_METRICS,
@@ -24,6 +23,7 @@ from kdaudit.metrics import (
     functional_similarity,
     functional_similarity_many,
 )
+from kdaudit.metrics import streaming as metrics
 
 KEYS = {
     "activation_distance",

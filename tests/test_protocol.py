@@ -6,12 +6,13 @@ import torch
 
 from kdaudit.config import load_config
 from kdaudit.data import load_data
+from kdaudit.engine.loop import batch_order, total_steps
+from kdaudit.engine.run import execute
+from kdaudit.engine.teachers import Teachers
 from kdaudit.executors import run_local
 from kdaudit.models import MODELS, build_model
 from kdaudit.protocol import expand, smoke
-from kdaudit.runner import TeacherOutputs, execute
 from kdaudit.store import RunStore
-from kdaudit.train import batch_order, total_steps
 from tests.conftest import write_config
 
 
@@ -89,7 +90,7 @@ def test_every_condition_of_a_student_seed_sees_the_same_minibatches(tiny_config
     grid = expand(cfg)
     store = RunStore(tmp_path / "out")
     data = load_data(cfg.data)
-    teachers = TeacherOutputs(store, torch.device("cpu"))
+    teachers = Teachers(store, torch.device("cpu"))
     seen: dict[str, list] = {}
     for spec in grid.runs:
         batches = seen.setdefault(spec.run_id, [])

@@ -1,5 +1,5 @@
-"""Stacked training (kdaudit.stacked) against training alone, the --stack executor, and the
-CUDA speed-up switches on the CPU (kdaudit.accel).
+"""Stacked training (kdaudit.engine.stacking) against training alone, the --stack executor, and the
+CUDA speed-up switches on the CPU (kdaudit.engine.accel).
 
 Tolerance, stacked vs alone: the forward pass is bitwise the same, but the batched matmul
 that computes a weight's gradient in the stack (bmm) sums in another order than the one
@@ -18,18 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from kdaudit.accel import _COMPILED, Accel, accel_for, compiled
-from kdaudit.conditions import build_objective, cached_targets, model_targets
+from kdaudit.conditions.objectives import build_objective
 from kdaudit.config import ConfigError, TrainConfig, load_config
 from kdaudit.data import TensorData
-from kdaudit.executors import ExecutorConfig, run_grid
-from kdaudit.executors.stacking import _REFUSED, stack_groups
-from kdaudit.models import MODELS, build_model
-from kdaudit.models.gpt import GPTConfig
-from kdaudit.models.mlp import MLPConfig
-from kdaudit.models.vision import CNNConfig
-from kdaudit.protocol import expand
-from kdaudit.stacked import (
+from kdaudit.engine.accel import _COMPILED, Accel, accel_for, compiled
+from kdaudit.engine.loop import NonFiniteLoss, batch_order, total_steps, train
+from kdaudit.engine.stacking import (
     Member,
     StackedState,
     StackMismatch,
@@ -38,8 +32,15 @@ from kdaudit.stacked import (
     train_stacked,
     unstackable,
 )
+from kdaudit.engine.teachers import cached_targets, model_targets
+from kdaudit.executors import ExecutorConfig, run_grid
+from kdaudit.executors.local_stack import _REFUSED, stack_groups
+from kdaudit.models import MODELS, build_model
+from kdaudit.models.gpt import GPTConfig
+from kdaudit.models.mlp import MLPConfig
+from kdaudit.models.vision import CNNConfig
+from kdaudit.protocol import expand
 from kdaudit.store import RunStore
-from kdaudit.train import NonFiniteLoss, batch_order, total_steps, train
 from tests.conftest import write_config
 from tests.fault_helpers import assert_same_runs
 

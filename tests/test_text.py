@@ -15,11 +15,11 @@ from kdaudit.config import load_config
 from kdaudit.data import DATASETS, load_data
 from kdaudit.data.files import DatasetMissing
 from kdaudit.data.text import SHAKESPEARE_SHA256, TextConfig, TokenData, tokenize
+from kdaudit.engine.evaluate import predict
 from kdaudit.executors import ExecutorConfig, run_grid
 from kdaudit.models import MODELS, build_model
 from kdaudit.protocol import expand
 from kdaudit.store import RunStore
-from kdaudit.train import predict
 from tests.conftest import write_config
 
 SHARED = Path(os.environ.get("KDAUDIT_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data"))
@@ -111,7 +111,7 @@ def test_gpt_models_forward_backward_and_causality(name):
 @pytest.mark.parametrize("stack", [1, 8])
 def test_language_model_grid_is_paired_and_kd_runs_the_teacher(tmp_path, stack):
     """alpha = 0 KD reproduces SIDDO bit for bit (same init, windows and dropout masks),
-    trained alone or stacked (kdaudit.stacked: dropout stacks only one seed's runs); the
+    trained alone or stacked (kdaudit.engine.stacking: dropout stacks only one seed's runs); the
     stored logits cover every test position."""
     write_text(tmp_path / "data")
     path = write_config(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from kdaudit.compare.checks import Layout, check_controls, check_files
 from kdaudit.compare.errors import CompareError
 from kdaudit.compare.files import open_array
 from kdaudit.compare.manifest import Manifest, ModelRow, read_manifest
+from kdaudit.config import AnalysisOptions
 from kdaudit.metrics import (
     DEFAULT_CHUNK_SIZE,
     PROCRUSTES_MAX_CLASSES,
@@ -31,10 +31,11 @@ from kdaudit.metrics import (
     accuracy_and_loss,
     functional_similarity_many,
 )
-from kdaudit.report import verdict_lines, write_report
-from kdaudit.results import KEYS, TEACHER_COLUMNS
-from kdaudit.stats import Analysis, AnalysisOptions, analyse
+from kdaudit.report import write_report
+from kdaudit.report.result import AuditResult
+from kdaudit.stats import analyse
 from kdaudit.store import code_version
+from kdaudit.store.tables import KEYS, TEACHER_COLUMNS
 
 CACHE_FILE = "metrics_cache.json"
 # Students compared with their teacher in one pass (the teacher's chunks are read and sorted
@@ -44,27 +45,7 @@ MAX_MODELS_PER_PASS = 16
 PROCRUSTES_BYTES_PER_PASS = 256 << 20
 
 
-@dataclass(frozen=True)
-class CompareResult:
-    """kdaudit.api.AuditResult's fields and views, plus the notes of a compare.
-
-    Not a subclass: importing kdaudit.api loads the training engine (~170 MB of resident
-    memory, a tenth of the benchmark's budget) that a compare never uses.
-    """
-
-    out: Path
-    runs: pd.DataFrame  # tidy: one row per student per metric
-    teachers: pd.DataFrame  # one row per teacher; train columns NaN (unknown)
-    analysis: Analysis
-    report: Path  # index.html
-    notes: tuple[str, ...] = ()  # warnings and limits, also in the report's header
-
-    @property
-    def verdicts(self) -> pd.DataFrame:
-        return self.analysis.verdicts_frame()
-
-    def verdict_lines(self) -> list[str]:
-        return verdict_lines(self.analysis)
+CompareResult = AuditResult  # one result type for every audit
 
 
 def compare(
@@ -105,7 +86,7 @@ def compare(
         title=f"kdaudit compare: {spec.path.stem}",
         meta=_meta(spec, layout, notes),
     )
-    return CompareResult(out, runs, teachers, result, report, notes=tuple(notes))
+    return AuditResult(out, runs, teachers, result, report, notes=tuple(notes))
 
 
 def _procrustes_note(k: int, limit: int | None) -> list[str]:
@@ -202,7 +183,7 @@ def _compute(batch: list[ModelRow], spec: Manifest, layout: Layout, settings, ch
 
 
 def _runs_frame(spec: Manifest, metrics: dict[ModelRow, dict]) -> pd.DataFrame:
-    """The tidy run table of kdaudit.results: one row per student per metric."""
+    """The tidy run table of kdaudit.store.tables: one row per student per metric."""
     rows = []
     for s in spec.students:
         # width: no capacity axis in a manifest (NaN, as in a grid without one)

@@ -5,12 +5,12 @@ Errors (CompareError) versus warnings:
 - every logits file must have the first teacher's shape (N, K) or (N, T, V) and a floating
   dtype; the labels must be integers of shape (N,) or (N, T) in [0, K): errors naming the
   files;
-- a kd setting (teacher seed, alpha, T) with no paired siddo *and* no paired rcd row (same
-  teacher seed and student seed; rcd also at the same alpha and T) cannot be tested at all:
-  an error listing what is missing;
-- one of siddo / rcd missing for a kd setting, or missing for some of its student seeds: a
-  warning (returned as a note). The analysis still runs: without both controls the verdict
-  is "not supported" and says why, and unpaired kd seeds are left out of the tests.
+- a treatment's setting (teacher seed, alpha, T) with none of its verdict's controls paired
+  (for kd: siddo and rcd; same teacher seed and student seed, and the control's own params,
+  rcd's alpha and T) cannot be tested at all: an error listing what is missing;
+- one of those controls missing for a setting, or missing for some of its student seeds: a
+  warning (returned as a note). The analysis still runs: without every control the verdict
+  is "not supported" and says why, and unpaired seeds are left out of the tests.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from kdaudit.compare.errors import CompareError
 from kdaudit.compare.files import open_array
 from kdaudit.compare.manifest import Manifest, ModelRow
+from kdaudit.conditions import condition, is_treatment
 
 
 @dataclass(frozen=True)
@@ -104,40 +105,57 @@ def _labels(manifest: Manifest, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def check_controls(manifest: Manifest) -> list[str]:
-    """Warnings about kd runs without a paired control; CompareError when none is paired."""
+    """Warnings about treatment runs without a paired control; CompareError when none is."""
     warnings = []
-    for (teacher_seed, alpha, temperature), seeds in _kd_settings(manifest).items():
-        setting = f"teacher seed {teacher_seed}, kd alpha={alpha:g} T={temperature:g}"
-        missing = {
-            "siddo": seeds - _seeds(manifest, "siddo", teacher_seed),
-            "rcd": seeds - _seeds(manifest, "rcd", teacher_seed, alpha, temperature),
-        }
+    for (role, teacher_seed, alpha, temperature), seeds in _treatment_settings(manifest).items():
+        setting = f"teacher seed {teacher_seed}, {role} alpha={alpha:g} T={temperature:g}"
+        controls = condition(role).controls
+        missing = {c: seeds - _control_seeds(manifest, c, teacher_seed, alpha, temperature)
+                   for c in controls}  # fmt: skip
         if all(m == seeds for m in missing.values()):
+            wanted = " and ".join(f"{c} rows ({_control_keys(c, teacher_seed, alpha, temperature)})"
+                                  for c in controls)  # fmt: skip
             raise CompareError(
-                f"{setting} (student seeds {_list(seeds)}): no paired control; add siddo rows "
-                f"(teacher_seed {teacher_seed}) and rcd rows (alpha={alpha:g}, "
-                f"temperature={temperature:g}) with the same student seeds"
+                f"{setting} (student seeds {_list(seeds)}): no paired control; add {wanted} "
+                "with the same student seeds"
             )
         for control, seeds_missing in missing.items():
             if seeds_missing == seeds:
                 warnings.append(
-                    f"{setting}: no {control} rows for its student seeds, so the "
-                    "verdict (which needs siddo and rcd) is not supported"
+                    f"{setting}: no {control} rows for its student seeds, so the verdict "
+                    f"(which needs {' and '.join(controls)}) is not supported"
                 )
             elif seeds_missing:
                 warnings.append(
                     f"{setting}: no {control} rows for student seeds "
-                    f"{_list(seeds_missing)}; those kd runs have no {control} pair"
+                    f"{_list(seeds_missing)}; those {role} runs have no {control} pair"
                 )
     return warnings
 
 
-def _kd_settings(manifest: Manifest) -> dict[tuple[int, float, float], set[int]]:
-    settings: dict[tuple[int, float, float], set[int]] = {}
+def _treatment_settings(manifest: Manifest) -> dict[tuple, set[int]]:
+    """(treatment, teacher seed, alpha, T) -> its student seeds."""
+    settings: dict[tuple, set[int]] = {}
     for row in manifest.students:
-        if row.role == "kd":
-            settings.setdefault((row.teacher_seed, row.alpha, row.temperature), set()).add(row.seed)
-    return dict(sorted(settings.items()))
+        if is_treatment(row.role):
+            key = (row.role, row.teacher_seed, row.alpha, row.temperature)
+            settings.setdefault(key, set()).add(row.seed)
+    return dict(sorted(settings.items(), key=lambda kv: (condition(kv[0][0]).order, kv[0][1:])))
+
+
+def _control_seeds(manifest: Manifest, control: str, teacher_seed: int, alpha, temperature):
+    """A control's student seeds paired with a setting, matched on the control's params."""
+    params = condition(control).params
+    return _seeds(manifest, control, teacher_seed, alpha if "alpha" in params else None,
+                  temperature if "temperature" in params else None)  # fmt: skip
+
+
+def _control_keys(control: str, teacher_seed: int, alpha, temperature) -> str:
+    params = condition(control).params
+    if not params:
+        return f"teacher_seed {teacher_seed}"
+    values = {"alpha": alpha, "temperature": temperature}
+    return ", ".join(f"{p}={values[p]:g}" for p in params)
 
 
 def _seeds(manifest: Manifest, role: str, teacher_seed: int, alpha=None, temperature=None):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdaudit.compare.errors import CompareError
-from kdaudit.conditions import CONDITIONS
+from kdaudit.conditions import builtin, condition, is_treatment
 
 REQUIRED = ("role", "seed", "path")
 OPTIONAL = ("alpha", "temperature", "teacher_seed")
@@ -87,7 +87,7 @@ class Manifest:
 
 
 def roles() -> list[str]:
-    return [LABELS, TEACHER, *(n for n in CONDITIONS.names() if n != TEACHER)]
+    return [LABELS, TEACHER, *sorted(c.name for c in builtin() if c.name != TEACHER)]
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -153,7 +153,7 @@ def _row(line: int, record: dict, folder: Path) -> ModelRow:
         raise CompareError(
             f"manifest line {line}: unknown role {role!r}; roles are {', '.join(roles())}"
         )
-    params = CONDITIONS.get(role).info["params"]
+    params = condition(role).params
     seed = _int(record, "seed", line, default=None)
     teacher_seed = _int(record, "teacher_seed", line, default=seed if role == TEACHER else 0)
     if role == TEACHER and teacher_seed != seed:
@@ -226,10 +226,10 @@ def _check_rows(manifest: Manifest) -> None:
         seen[row.key] = row
     if not manifest.teachers:
         raise CompareError(f"{manifest.path}: no `teacher` row")
-    if not any(r.role == "kd" for r in manifest.students):
-        raise CompareError(
-            f"{manifest.path}: no kd rows; compare tests kd students against their controls"
-        )
+    if not any(is_treatment(r.role) for r in manifest.students):
+        treatments = ", ".join(c.name for c in builtin() if c.is_treatment)
+        raise CompareError(f"{manifest.path}: no treatment rows ({treatments}); compare tests "
+                           "treated students against their controls")  # fmt: skip
     teacher_seeds = sorted(t.seed for t in manifest.teachers)
     for row in manifest.students:
         if row.teacher_seed not in teacher_seeds:

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.io import wavfile
-from scipy.signal import resample_poly
 
 LOG_OFFSET = 1e-6  # added to the mel power before the log: silence maps to log(1e-6) = -13.8
 
@@ -45,6 +43,8 @@ class LogMel:
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """A wav file as mono float32 samples in [-1, 1] and its sample rate. Reads 8-bit
     (unsigned), 16/24/32-bit PCM and 32/64-bit float; channels are averaged."""
+    from scipy.io import wavfile  # loaded with the audio, not with every dataset
+
     with warnings.catch_warnings():  # e.g. "Chunk (non-data) not understood, skipping it"
         warnings.simplefilter("ignore", wavfile.WavFileWarning)
         rate, data = wavfile.read(path)
@@ -63,6 +63,8 @@ def _to_float(data: np.ndarray) -> np.ndarray:
 
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     """Polyphase resampling by the exact rational factor target / rate."""
+    from scipy.signal import resample_poly
+
     if rate == target:
         return x
     g = math.gcd(rate, target)

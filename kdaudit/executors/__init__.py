@@ -1,4 +1,5 @@
 """Executors run the grid of paired runs into a store; they differ only in where runs execute.
+Each is registered by name in `EXECUTORS` (kdaudit.executors.core):
 
     local             one run at a time, in this process (the default)
     local, workers=N  N spawned worker processes on this machine, one GPU each if several
@@ -16,16 +17,18 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from kdaudit.conditions import feature_condition
-from kdaudit.config import ConfigError, ExperimentConfig
+from kdaudit.config import ExperimentConfig
+from kdaudit.errors import ConfigError
+from kdaudit.executors import local, ray_executor  # noqa: F401  (register themselves)
 from kdaudit.executors.core import (
+    EXECUTORS,
     ExecutorConfig,
     GridOutcome,
     RunContext,
     resolve_device,
 )
+from kdaudit.executors.progress import NullReporter, Reporter
 from kdaudit.executors.status import grid_status, run_state
-from kdaudit.progress import NullReporter, Reporter
 from kdaudit.protocol import Grid, RunSpec, expand
 from kdaudit.store import RunStore, StoreLocked
 
@@ -54,8 +57,8 @@ def run_grid(
         reporter.start_grid(len(grid.runs), skipped, len(todo))
         try:
             if todo:
-                ctx = _context(cfg, store, options, device, data_dir)
-                _execute(todo, ctx, options, reporter)
+                ctx = _context(grid, store, options, device, data_dir)
+                EXECUTORS.get(options.name).build(todo, ctx, options, reporter)
         finally:
             reporter.end_grid()
             store.clean_temporary()  # what workers killed mid-write left
@@ -76,26 +79,9 @@ def run_local(
                     retry_failed, reporter)  # fmt: skip
 
 
-def _execute(todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig, reporter) -> None:
-    if options.name == "ray":
-        from kdaudit.executors.ray_executor import run_ray
-
-        run_ray(todo, ctx, options, reporter)
-    elif (options.workers or 1) > 1:
-        from kdaudit.executors.local import run_pool
-
-        run_pool(todo, ctx, options, reporter)
-    elif options.stack > 1:
-        from kdaudit.executors.stacking import run_stacked
-
-        run_stacked(todo, ctx, options.stack, reporter)
-    else:
-        from kdaudit.executors.local import run_sequential
-
-        run_sequential(todo, ctx, reporter)
-
-
-def _context(cfg, store: RunStore, options: ExecutorConfig, device: str, data_dir) -> RunContext:
+def _context(
+    grid: Grid, store: RunStore, options: ExecutorConfig, device: str, data_dir
+) -> RunContext:
     if options.name == "ray":  # the cluster's GPUs, not this machine's, decide
         if device != "auto" and device != "cpu" and not device.startswith("cuda"):
             raise ConfigError(f"--device {device!r}: choose one of auto, cpu, cuda")
@@ -106,9 +92,8 @@ def _context(cfg, store: RunStore, options: ExecutorConfig, device: str, data_di
         device=device,
         threads=options.threads,
         data_dir=str(Path(data_dir).resolve()) if data_dir else None,
-        save_weights=cfg.store.save_weights,
         grid_token=uuid.uuid4().hex,
-        teacher_weights=any(feature_condition(c) for c in cfg.protocol.conditions),
+        plan=grid.plan,
     )
 
 

@@ -17,15 +17,20 @@ from pathlib import Path
 
 import torch
 
-from kdaudit.config import ConfigError
+from kdaudit.conditions import CONDITIONS, LossConditionConfig, loss_condition
 from kdaudit.data import TensorData, load_data
-from kdaudit.progress import Reporter
-from kdaudit.protocol import RunSpec
-from kdaudit.runner import TeacherOutputs, execute
+from kdaudit.engine.loop import total_steps
+from kdaudit.engine.run import execute
+from kdaudit.engine.teachers import Teachers, keeps_weights
+from kdaudit.errors import ConfigError
+from kdaudit.executors.progress import Reporter
+from kdaudit.protocol import RunSpec, TeacherPlan
+from kdaudit.registry import Registry
 from kdaudit.store import RunStore
-from kdaudit.train import total_steps
 
-EXECUTORS = ("local", "ray")
+# name -> run(todo, ctx, options, reporter): every run of `todo` attempted and reported.
+# The executor modules register themselves (kdaudit.executors imports them).
+EXECUTORS: Registry = Registry("executor")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:
-            raise ConfigError(f"executor: {self.name!r} is not allowed; choose one of local, ray")
+            raise ConfigError(f"executor: {self.name!r} is not allowed; choose one of "
+                              f"{', '.join(EXECUTORS.names())}")  # fmt: skip
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers: must be >= 1, got {self.workers}")
         if self.stack < 1:
@@ -81,14 +87,8 @@ class RunContext:
     device: str  # resolved: cpu | cuda | cuda:N
     threads: int
     data_dir: str | None
-    save_weights: bool
     grid_token: str  # one per grid: worker caches of teacher outputs do not outlive it
-    # the grid has students that run the teacher model itself where outputs could be cached
-    # (feature-map conditions): its teachers keep their weights
-    teacher_weights: bool = False
-
-    def keeps_weights(self, spec: RunSpec) -> bool:
-        return self.save_weights or (spec.is_teacher and self.teacher_weights)
+    plan: TeacherPlan = TeacherPlan()  # what the grid asks of its teachers
 
 
 @dataclass(frozen=True)
@@ -112,26 +112,36 @@ def attempt(spec: RunSpec, ctx: RunContext, reporter: Reporter | None = None) ->
     """Run one run in this process and store it, or record why it failed.
     Loading the data is outside the guard: a dataset that cannot load stops the grid."""
     store = RunStore(ctx.out)
-    if not spec.is_teacher and not store.is_complete(spec.teacher_id):
+    if not teacher_ready(store, spec):
         return blocked(spec)
     with cpu_threads(ctx.threads):
-        data, teachers = _worker_state(spec, ctx)
+        data, teachers = worker_state(spec, ctx)
         if reporter is not None:
             reporter.start_run(spec, total_steps(data.n_train, spec.train))
         on_step = reporter.step if reporter is not None else None
         store.mark_running(spec.run_id)
         try:
-            execute(spec, data, store, teachers, ctx.keeps_weights(spec), on_step)
+            keep = keeps_weights(spec, ctx.plan, data)
+            execute(spec, data, store, teachers, keep, on_step)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # a failed run costs only itself: record it, go on
-            error = f"{type(err).__name__}: {err}"
-            step = getattr(err, "step", None)
-            store.write_failure(spec, error, traceback.format_exc(), step)
-            return RunResult(spec.run_id, "failed", f"failed: {error}")
+            return record_failure(store, spec, err)
         finally:
             store.clear_running(spec.run_id)
     return RunResult(spec.run_id, "complete", "complete")
+
+
+def record_failure(store: RunStore, spec: RunSpec, err: Exception) -> RunResult:
+    """Store why a run raised (its traceback, and the step for a non-finite loss)."""
+    error = f"{type(err).__name__}: {err}"
+    store.write_failure(spec, error, traceback.format_exc(), getattr(err, "step", None))
+    return RunResult(spec.run_id, "failed", f"failed: {error}")
+
+
+def teacher_ready(store: RunStore, spec: RunSpec) -> bool:
+    """A teacher can always run; a student once its teacher is complete."""
+    return spec.is_teacher or store.is_complete(spec.teacher_id)
 
 
 def blocked(spec: RunSpec) -> RunResult:
@@ -170,15 +180,24 @@ def release_worker_state() -> None:
     _STATE.clear()
 
 
-def _worker_state(spec: RunSpec, ctx: RunContext) -> tuple[TensorData, TeacherOutputs]:
+def worker_state(spec: RunSpec, ctx: RunContext) -> tuple[TensorData, Teachers]:
+    """The run's data on the worker's device and the grid's teachers, loaded once per worker
+    process and grid; a run of your own loss makes its condition known here too."""
     if _STATE.get("token") != ctx.grid_token:
         _STATE.clear()
         _STATE["token"] = ctx.grid_token
-    key = ("data", spec.data, ctx.device)
+    if spec.loss is not None and spec.condition not in CONDITIONS:  # a fresh worker process
+        loss_condition(LossConditionConfig(spec.loss, spec.condition))
+    load = lambda cfg: _data(cfg, ctx)  # noqa: E731
+    key = ("teachers", ctx.device)
+    if key not in _STATE:
+        _STATE[key] = Teachers(RunStore(ctx.out), torch.device(ctx.device), load)
+    return load(spec.data), _STATE[key]
+
+
+def _data(cfg, ctx: RunContext):
+    key = ("data", cfg, ctx.device)
     if key not in _STATE:
         data_dir = Path(ctx.data_dir) if ctx.data_dir else None
-        _STATE[key] = load_data(spec.data, data_dir).to(ctx.device)
-    teachers = _STATE.setdefault(
-        ("teachers", ctx.device), TeacherOutputs(RunStore(ctx.out), torch.device(ctx.device))
-    )
-    return _STATE[key], teachers
+        _STATE[key] = load_data(cfg, data_dir).to(ctx.device)
+    return _STATE[key]

@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from kdaudit.executors.core import (
+    EXECUTORS,
     ExecutorConfig,
     RunContext,
     RunResult,
@@ -30,10 +31,27 @@ from kdaudit.executors.core import (
     blocked,
     release_worker_state,
     system_failure,
+    teacher_ready,
 )
-from kdaudit.progress import Reporter
+from kdaudit.executors.progress import Reporter
 from kdaudit.protocol import RunSpec
 from kdaudit.store import RunStore
+
+
+@EXECUTORS.register("local")
+def run_here(
+    todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig, reporter: Reporter
+) -> None:
+    """This machine: in this process one run at a time (or `stack` at a time), or in
+    `workers` worker processes."""
+    if (options.workers or 1) > 1:
+        run_pool(todo, ctx, options, reporter)
+    elif options.stack > 1:
+        from kdaudit.executors.local_stack import run_stacked
+
+        run_stacked(todo, ctx, options.stack, reporter)
+    else:
+        run_sequential(todo, ctx, reporter)
 
 
 def run_sequential(todo: list[RunSpec], ctx: RunContext, reporter: Reporter) -> None:
@@ -71,7 +89,7 @@ def _ready_and_waiting(todo: list[RunSpec], store: RunStore, reporter: Reporter)
     waiting: dict[str, list[RunSpec]] = defaultdict(list)
     in_todo = {s.run_id for s in todo}
     for spec in todo:
-        if spec.is_teacher or store.is_complete(spec.teacher_id):
+        if teacher_ready(store, spec):
             queue.append(spec)
         elif spec.teacher_id in in_todo:
             waiting[spec.teacher_id].append(spec)

@@ -17,6 +17,7 @@ import os
 from dataclasses import replace
 
 from kdaudit.executors.core import (
+    EXECUTORS,
     ExecutorConfig,
     RunContext,
     RunResult,
@@ -24,8 +25,9 @@ from kdaudit.executors.core import (
     blocked,
     cpu_count,
     system_failure,
+    teacher_ready,
 )
-from kdaudit.progress import Reporter
+from kdaudit.executors.progress import Reporter
 from kdaudit.protocol import RunSpec
 from kdaudit.store import RunStore
 
@@ -40,6 +42,7 @@ def import_ray():
     return ray
 
 
+@EXECUTORS.register("ray")
 def run_ray(
     todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig, reporter: Reporter
 ) -> None:
@@ -74,7 +77,7 @@ def _submit(task, todo: list[RunSpec], ctx: RunContext, reporter: Reporter) -> d
     store = RunStore(ctx.out)
     refs, pending = {}, {}
     for spec in todo:
-        if spec.is_teacher or store.is_complete(spec.teacher_id):
+        if teacher_ready(store, spec):
             depends_on = None
         elif spec.teacher_id in refs:
             depends_on = refs[spec.teacher_id]  # an ObjectRef: Ray waits for the teacher
@@ -104,7 +107,7 @@ def _result(ray, ref, spec: RunSpec, store: RunStore) -> RunResult:
         if not isinstance(cause, ray.exceptions.RayError):
             # Raised outside the run's own guard (e.g. the dataset would not load): stop.
             raise err.as_instanceof_cause() from None
-        if not spec.is_teacher and not store.is_complete(spec.teacher_id):
+        if not teacher_ready(store, spec):
             return blocked(spec)  # its teacher's task is the one that died
         lines = str(cause).strip().splitlines()
         error = f"{type(cause).__name__}: {lines[0] if lines else 'worker died'}"

@@ -11,8 +11,9 @@ trains, and never touches the runner or the store. Numbers are formatted only he
 
 Sections that only some grids have: temperature.png / temperature.csv when the KD settings
 span more than one temperature, capacity_scaling.png / capacity_scaling.csv when they span
-more than one student width, ls_vs_rcd.csv when both LS and RCD (T = 1) runs are present,
-targeted_transfer.csv when given prompt-completion counts (results.targeted_counts).
+more than one student width, A_vs_B.csv for a condition A that its registry entry says equals
+B when both have runs (ls_vs_rcd.csv: LS and RCD at T = 1), targeted_transfer.csv when given
+prompt-completion counts (kdaudit.store.tables.targeted_counts).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from pathlib import Path
 import pandas as pd
 
 from kdaudit import __version__
+from kdaudit.conditions import CONDITIONS, label
 from kdaudit.report import figures, fmt, html, latex, markdown, tables
 from kdaudit.report.blocks import Bullets, Details, Figure, Paragraph, Section, Table
 from kdaudit.report.summary import summary_json
-from kdaudit.report.text import ls_rcd_sentence, protocol_notes, verdict_lines
+from kdaudit.report.text import equivalence_sentence, protocol_notes, verdict_lines
 from kdaudit.stats import (
     Analysis,
     delta_sweep,
-    ls_rcd_differences,
+    equivalence_differences,
     summarise,
     targeted_summary,
 )
@@ -54,7 +56,9 @@ class _Content:
     deltas_png: bytes
     sweep: pd.DataFrame  # stats.delta_sweep: deltas per (alpha, T, width)
     sweep_pngs: dict[str, bytes]  # axis -> figure, for the axes that vary
-    ls_rcd: pd.DataFrame  # stats.ls_rcd_differences (empty without LS and RCD runs)
+    # condition -> stats.equivalence_differences with the condition it equals (LS and RCD),
+    # for those with runs of both
+    equal: dict[str, pd.DataFrame]
     targeted: pd.DataFrame | None  # stats.targeted_summary, when counts were given
     transfer: pd.DataFrame  # each teacher's train loss beside its KD transfer
 
@@ -109,10 +113,23 @@ def _content(runs, teachers, analysis: Analysis, targeted: pd.DataFrame | None) 
         deltas_png=figures.agreement_deltas(analysis),
         sweep=sweep,
         sweep_pngs={axis: figures.delta_curves(sweep, axis) for axis in _swept(sweep)},
-        ls_rcd=ls_rcd_differences(runs),
+        equal=_equivalences(runs),
         targeted=None if targeted is None else targeted_summary(targeted),
         transfer=tables.teacher_transfer_frame(tables.teachers_frame(teachers, runs), analysis),
     )
+
+
+def _equivalences(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    frames = {
+        c.name: equivalence_differences(runs, c.name, c.equals, c.equals_at)
+        for c in CONDITIONS.entries()
+        if c.equals is not None
+    }
+    return {name: frame for name, frame in frames.items() if not frame.empty}
+
+
+def _equal_stem(name: str) -> str:
+    return f"{name}_vs_{CONDITIONS.get(name).equals}"
 
 
 def _swept(sweep: pd.DataFrame) -> list[str]:
@@ -130,8 +147,7 @@ def _write_tables(folder: Path, content: _Content, analysis: Analysis) -> None:
         "teacher_transfer": content.transfer,
     }
     raw.update({SWEEPS[axis][0]: content.sweep for axis in content.sweep_pngs})
-    if not content.ls_rcd.empty:
-        raw["ls_vs_rcd"] = content.ls_rcd
+    raw.update({_equal_stem(name): frame for name, frame in content.equal.items()})
     if content.targeted is not None:
         raw["targeted_transfer"] = content.targeted
     for name, frame in raw.items():
@@ -155,7 +171,7 @@ def _sections(content: _Content, analysis: Analysis, meta: dict) -> list[Section
         _significance_section(analysis),
         _asymmetry_section(analysis, content.deltas_png),
         *(_sweep_section(content, axis) for axis in content.sweep_pngs),
-        *([_ls_rcd_section(content.ls_rcd)] if not content.ls_rcd.empty else []),
+        *(_equivalence_section(name, frame) for name, frame in content.equal.items()),
         *([_targeted_section(content.targeted, analysis)] if content.targeted is not None else []),
         _notes_section(content, analysis, meta),
     ]
@@ -182,9 +198,11 @@ def _targeted_section(frame: pd.DataFrame, analysis: Analysis) -> Section:
     return Section("targeted", "Targeted error transfer", (note, table))
 
 
-def _ls_rcd_section(frame: pd.DataFrame) -> Section:
-    blocks = (Paragraph(ls_rcd_sentence(frame)), tables.ls_rcd_table(frame))
-    return Section("ls_vs_rcd", "Label smoothing equals RCD", blocks)
+def _equivalence_section(name: str, frame: pd.DataFrame) -> Section:
+    entry = CONDITIONS.get(name)
+    blocks = (Paragraph(equivalence_sentence(frame, name)), tables.equivalence_table(frame, name))
+    title = f"{entry.long_name or entry.label} equals {label(entry.equals)}"
+    return Section(_equal_stem(name), title, blocks)
 
 
 def _teachers_section(content: _Content, analysis: Analysis) -> Section:

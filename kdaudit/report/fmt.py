@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
-from kdaudit.metrics import BETTER
+from kdaudit.conditions import label
+from kdaudit.metrics import better_directions
 
 MISSING = "–"
 ARROWS = {"lower": "↓", "higher": "↑"}
-CONTROL_NAMES = {"siddo": "SIDDO", "rcd": "RCD", "ls": "LS", "kd": "KD", "fmkd": "FMKD",
-                 "fmrc": "FMRC"}  # fmt: skip
 
 
 def is_missing(x) -> bool:
@@ -44,7 +43,8 @@ def integer(x) -> str:
 
 
 def control_name(control: str) -> str:
-    return CONTROL_NAMES.get(control, control)
+    """A condition's name in the report, as its registry entry gives it."""
+    return label(control)
 
 
 def baseline_name(correct: str, incorrect: str) -> str:
@@ -54,8 +54,9 @@ def baseline_name(correct: str, incorrect: str) -> str:
 
 
 def metric_label(metric: str, arrow: bool = True) -> str:
-    label = metric.replace("_", " ")
-    return f"{label} {ARROWS[BETTER[metric]]}" if arrow and metric in BETTER else label
+    text = metric.replace("_", " ")
+    better = better_directions()
+    return f"{text} {ARROWS[better[metric]]}" if arrow and metric in better else text
 
 
 def condition_label(

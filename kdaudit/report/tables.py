@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pandas as pd
 
-from kdaudit.metrics import BETTER, FUNCTIONAL_METRICS
+from kdaudit.conditions import condition, is_treatment, order
+from kdaudit.conditions import label as condition_label
+from kdaudit.metrics import better_directions, functional_metrics
 from kdaudit.report import fmt
 from kdaudit.report.blocks import Table
-from kdaudit.stats import SETTING_KEYS, Analysis, ControlComparison, with_width
+from kdaudit.stats import SETTING_KEYS, Analysis, ControlComparison, first_treatment, with_width
 
 TEACHER_COLUMNS = ("teacher_seed", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
-CONDITION_ORDER = ("siddo", "kd", "rcd", "ls", "fmkd", "fmrc")
 TEACHER_COUNTS = {
     "n_teacher_correct": "teacher-correct test examples",
     "n_teacher_incorrect": "teacher-incorrect test examples",
@@ -32,10 +33,7 @@ def _none(x):
 
 def _condition_sort(key: tuple) -> tuple:
     condition, alpha, temperature, width = key
-    rank = (
-        CONDITION_ORDER.index(condition) if condition in CONDITION_ORDER else len(CONDITION_ORDER)
-    )
-    return (_order(width), rank, condition, _order(alpha), _order(temperature))
+    return (_order(width), order(condition), condition, _order(alpha), _order(temperature))
 
 
 def _order(x) -> float:
@@ -54,7 +52,8 @@ def _nan(x) -> float:
 
 def metric_order(metrics) -> list[str]:
     """Functional metrics first, then the other known metrics, then the rest by name."""
-    known = [*FUNCTIONAL_METRICS, *(m for m in BETTER if m not in FUNCTIONAL_METRICS)]
+    functional = functional_metrics()
+    known = [*functional, *(m for m in better_directions() if m not in functional)]
     present = set(metrics) - set(TEACHER_COUNTS)
     return [m for m in known if m in present] + sorted(present - set(known))
 
@@ -119,7 +118,7 @@ def summary_table(
     show_t = len({k[2] for k in columns if k[2] is not None}) > 1
     # the width is the table's, in its caption: column labels leave it out
     headers = [
-        f"{_label((c, a, t, None), show_t or c == 'kd')} (n={counts.get((seed, c, a, t, w), 0)})"
+        f"{_label((c, a, t, None), show_t or is_treatment(c))} (n={counts.get((seed, c, a, t, w), 0)})"
         for c, a, t, w in columns
     ]
     metrics = metric_order(s["metric"].unique())
@@ -145,9 +144,10 @@ def _summary_row(cells, columns, metric) -> list[str]:
 
 def _best_row(cells, columns, metric) -> list[bool]:
     means = np.array([cells.get((*c, metric), (math.nan,))[0] for c in columns], dtype=float)
-    if metric not in BETTER or np.isnan(means).all():
+    better = better_directions()
+    if metric not in better or np.isnan(means).all():
         return [False] * len(columns)
-    best = np.nanmin(means) if BETTER[metric] == "lower" else np.nanmax(means)
+    best = np.nanmin(means) if better[metric] == "lower" else np.nanmax(means)
     return list(means == best)
 
 
@@ -248,7 +248,7 @@ def pvalues_table(analysis: Analysis) -> Table:
 
 def verdicts_table(analysis: Analysis) -> Table:
     frame = analysis.verdicts_frame()
-    n_functional = len(FUNCTIONAL_METRICS)
+    n_functional = len(functional_metrics())
     text = pd.DataFrame(
         {
             "teacher seed": frame["teacher_seed"].map(str),
@@ -332,11 +332,14 @@ def sweep_table(sweep: pd.DataFrame, axis: str) -> Table:
 AXIS_NAMES = {"temperature": "temperature", "width": "student width"}
 
 
-# ----------------------------------------------------------------------------- LS vs RCD
+# ----------------------------------------------------------------------------- equal conditions
 
 
-def ls_rcd_table(frame: pd.DataFrame) -> Table:
-    """Per (teacher seed, alpha, width): the metric with the largest paired |LS - RCD|."""
+def equivalence_table(frame: pd.DataFrame, name: str) -> Table:
+    """Per (teacher seed, alpha, width): the metric with the largest paired |A - B|, for a
+    condition A and the condition B its registry entry says it equals (LS and RCD)."""
+    entry = condition(name)
+    a, b = entry.label, condition_label(entry.equals)
     rows = []
     keys = ["teacher_seed", "alpha", "width"]
     for (seed, alpha, width), group in frame.groupby(keys, dropna=False, sort=True):
@@ -347,11 +350,11 @@ def ls_rcd_table(frame: pd.DataFrame) -> Table:
                      fmt.num(paired["max_abs_paired_diff"], 3),
                      fmt.metric_label(means["metric"], arrow=False),
                      fmt.num(means["abs_mean_diff"], 3)])  # fmt: skip
-    headers = ["teacher seed", "setting", "n", "metric (paired)", "largest |LS − RCD|",
-               "metric (means)", "largest |mean LS − mean RCD|"]  # fmt: skip
-    caption = ("Label smoothing (ε = α) against RCD (α, T = 1): the largest difference over "
-               "every metric, on a paired run and between the means")  # fmt: skip
-    return Table("ls_vs_rcd", caption, pd.DataFrame(rows, columns=headers))
+    headers = ["teacher seed", "setting", "n", "metric (paired)", f"largest |{a} − {b}|",
+               "metric (means)", f"largest |mean {a} − mean {b}|"]  # fmt: skip
+    caption = (f"{entry.equals_note}: the largest difference over every metric, on a paired "
+               "run and between the means")  # fmt: skip
+    return Table(f"{name}_vs_{entry.equals}", caption, pd.DataFrame(rows, columns=headers))
 
 
 # ----------------------------------------------------------------------------- targeted
@@ -385,7 +388,7 @@ def _teacher_first(key: tuple) -> tuple:
 # ----------------------------------------------------------------------------- teacher regime
 
 TEACHER_TRANSFER_COLUMNS = ["teacher_seed", "train_loss", "train_accuracy", "test_accuracy",
-                            "alpha", "temperature", "width", "n", "delta_correct",
+                            "condition", "alpha", "temperature", "width", "n", "delta_correct",
                             "delta_incorrect", "relative_improvement", "verdict"]  # fmt: skip
 
 
@@ -393,7 +396,8 @@ def teacher_transfer_frame(teachers: pd.DataFrame, analysis: Analysis) -> pd.Dat
     """Each teacher's train loss beside the transfer its KD settings produced (the
     teacher-regime question: does a teacher with a higher train loss transfer more?)."""
     verdicts = analysis.verdicts_frame()
-    verdicts = verdicts[verdicts["condition"] == "kd"]  # the regime question is about KD
+    # the regime question is about one treatment: KD where present
+    verdicts = verdicts[verdicts["condition"] == first_treatment(analysis)]
     if verdicts.empty or teachers.empty:
         return pd.DataFrame(columns=TEACHER_TRANSFER_COLUMNS)
     own = teachers[["teacher_seed", "train_loss", "train_accuracy", "test_accuracy"]]
@@ -411,8 +415,9 @@ def teacher_transfer_table(frame: pd.DataFrame) -> Table:
             "teacher seed": frame["teacher_seed"].map(str),
             "teacher train loss": frame["train_loss"].map(fmt.num),
             "teacher test accuracy": frame["test_accuracy"].map(fmt.num),
-            "setting": [fmt.condition_label("kd", a, t, True, w) for a, t, w in
-                        zip(frame["alpha"], frame["temperature"], frame["width"], strict=True)],
+            "setting": [fmt.condition_label(c, a, t, True, w) for c, a, t, w in
+                        zip(frame["condition"], frame["alpha"], frame["temperature"],
+                            frame["width"], strict=True)],
             "n": frame["n"].map(str),
             "Δcorrect": frame["delta_correct"].map(fmt.signed),
             "Δincorrect": frame["delta_incorrect"].map(fmt.signed),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kdaudit.metrics import FUNCTIONAL_METRICS
+from kdaudit.conditions import CONDITIONS, condition
+from kdaudit.metrics import functional_metrics
 from kdaudit.report import fmt
 from kdaudit.stats import Analysis, AnalysisOptions, Asymmetry, SettingResult
 
@@ -32,9 +33,10 @@ def _transfer(s: SettingResult, options: AnalysisOptions) -> str:
     if missing:
         return f"transfer not supported (no {' or '.join(missing)} runs to compare with, n={s.n})"
     controls = " and ".join(fmt.control_name(c) for c in s.verdict_controls)
+    reference = fmt.control_name(s.verdict_controls[0]) if s.verdict_controls else "?"
     evidence = (
-        f"{s.n_significant}/{len(FUNCTIONAL_METRICS)} functional metrics significant vs "
-        f"{controls}, median improvement {fmt.pct(s.relative_improvement)} over SIDDO"
+        f"{s.n_significant}/{len(functional_metrics())} functional metrics significant vs "
+        f"{controls}, median improvement {fmt.pct(s.relative_improvement)} over {reference}"
     )
     if s.verdict == "marginal":
         evidence += f", below the {fmt.pct(options.marginal_threshold)} threshold"
@@ -57,16 +59,10 @@ def _asymmetry(a: Asymmetry, n: int, options: AnalysisOptions) -> str:
     )
 
 
-FEATURE_NOTE = (
-    "Feature-map matching (FMKD): supported when a strict majority of the functional metrics "
-    "are significant against both SIDDO and FMRC (the same loss with a fixed random target "
-    "of the teacher feature's shape and standard deviation, at the same alpha)."
-)
-
-
-def protocol_notes(options: AnalysisOptions, treatments=frozenset({"kd"})) -> list[str]:
-    """The decisions behind the verdicts, with the options in force (and a note for
-    feature-map matching when its settings are present)."""
+def protocol_notes(options: AnalysisOptions, treatments=frozenset()) -> list[str]:
+    """The decisions behind the verdicts, with the options in force, and the note of each
+    treatment present (from its registry entry)."""
+    functional = functional_metrics()
     excluded = ", ".join(fmt.control_name(c) for c in options.exclude_controls) or "none"
     baseline = (
         "the control with the highest mean test accuracy"
@@ -81,30 +77,32 @@ def protocol_notes(options: AnalysisOptions, treatments=frozenset({"kd"})) -> li
         "zero differences are dropped before ranking; all-zero differences are reported as "
         "such, never as p=1.",
         f"Benjamini-Hochberg FDR at q={options.fdr_q:g} over the "
-        f"{len(FUNCTIONAL_METRICS)} functional metrics "
-        f"({', '.join(fmt.metric_label(m, arrow=False) for m in FUNCTIONAL_METRICS)}) within "
+        f"{len(functional)} functional metrics "
+        f"({', '.join(fmt.metric_label(m, arrow=False) for m in functional)}) within "
         f"each (teacher seed, setting, control) family; other metrics at "
         f"{options.alpha_level:g} uncorrected.",
-        "Supported transfer: a strict majority of the functional metrics significant against "
-        "both SIDDO and RCD (at the same alpha and T); LS is tested and shown but not used in "
-        "the verdict.",
+        *_treatment_notes(treatments),
         f"Marginal: supported, but the median relative improvement of the functional metrics "
         f"over SIDDO is below {fmt.pct(options.marginal_threshold)}.",
         f"Asymmetry: Δ = agreement(KD) − agreement(B) on teacher-correct and teacher-incorrect "
         f"test examples, B = {baseline} (excluded: {excluded}); symmetric within "
         f"±{options.asymmetry_tolerance:g}; tested with a one-sided Wilcoxon test of the "
         f"per-seed Δincorrect − Δcorrect (greater) at {options.alpha_level:g}.",
-    ] + ([FEATURE_NOTE] if "fmkd" in treatments else [])
+    ]
 
 
-def ls_rcd_sentence(frame) -> str:
-    """The largest LS-vs-RCD difference over every metric, alpha and teacher seed, paired and
-    between means (`frame`: stats.ls_rcd_differences)."""
+def _treatment_notes(treatments) -> list[str]:
+    """Each present treatment's note, in registry order."""
+    return [c.note for c in CONDITIONS.entries() if c.name in treatments and c.note]
+
+
+def equivalence_sentence(frame, a: str) -> str:
+    """The largest difference of condition `a` from the one it equals, over every metric,
+    alpha and teacher seed, paired and between means (`frame`: stats.equivalence_differences)."""
     paired = frame.loc[frame["max_abs_paired_diff"].idxmax()]
     means = frame.loc[frame["abs_mean_diff"].idxmax()]
     return (
-        "Label smoothing at ε = α against RCD at the same α and T = 1 (equal losses up to a "
-        f"constant): the largest difference of any metric on a paired run is "
+        f"{condition(a).equals_note}: the largest difference of any metric on a paired run is "
         f"{fmt.num(paired['max_abs_paired_diff'], 3)} ({_where(paired)}); between the means "
         f"over seeds it is {fmt.num(means['abs_mean_diff'], 3)} ({_where(means)})."
     )

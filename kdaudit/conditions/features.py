@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdaudit.conditions import CONDITIONS, Batch
+from kdaudit.conditions.objectives import Batch
 
 PROBE = 256  # training examples (windows, for text) that fix the feature shapes and scale
 
@@ -184,7 +184,8 @@ def _probe_features(setup: FeatureSetup, student: nn.Module) -> tuple[list, list
     )
 
 
-def _objective(setup: FeatureSetup, student: nn.Module, alpha: float, control: bool):
+def feature_objective(setup: FeatureSetup, student: nn.Module, alpha: float, control: bool):
+    """The fmkd objective, or with `control` the fmrc one (module doc)."""
     s_feats, t_feats = _probe_features(setup, student)
     shapes = [(s.shape, t.shape) for s, t in zip(s_feats, t_feats, strict=True)]
     proj = projections(shapes, derived_seed("projection", setup.init_seed))
@@ -212,15 +213,11 @@ def fixed_targets(teacher: list[torch.Tensor], seed: int) -> Callable[[Batch], l
     return lambda batch: fixed
 
 
-@CONDITIONS.register("fmkd", params=("alpha",), needs_teacher=True, control=False,
-                     controls=("siddo", "fmrc"), also_compared=(), features=True)  # fmt: skip
-def fmkd(alpha, temperature, num_classes, setup: FeatureSetup, student: nn.Module):
+def fmkd(condition, alpha, temperature, num_classes, setup: FeatureSetup, student: nn.Module):
     """Feature-map matching: student features regressed on the teacher's, same batch."""
-    return _objective(setup, student, alpha, control=False)
+    return feature_objective(setup, student, alpha, control=False)
 
 
-@CONDITIONS.register("fmrc", params=("alpha",), needs_teacher=True, control=True,
-                     controls=(), also_compared=(), features=True)  # fmt: skip
-def fmrc(alpha, temperature, num_classes, setup: FeatureSetup, student: nn.Module):
+def fmrc(condition, alpha, temperature, num_classes, setup: FeatureSetup, student: nn.Module):
     """Feature-map random control: the fmkd loss with fixed random targets (module doc)."""
-    return _objective(setup, student, alpha, control=True)
+    return feature_objective(setup, student, alpha, control=True)

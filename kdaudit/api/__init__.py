@@ -1,41 +1,31 @@
-"""The Python API behind the CLI: run an audit, and turn a run directory into its answer."""
+"""The Python API, and all the CLI calls: run an audit, report, status, compare, and
+`audit()` of your own models and data.
+
+Importing it is light (configs and the condition registry); training, statistics and the
+report are loaded by the call that needs them.
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from kdaudit.config import ConfigError, ExperimentConfig, load_config, to_dict
-from kdaudit.executors import ExecutorConfig, GridOutcome, grid_status, run_grid
-from kdaudit.progress import Reporter
+from kdaudit.config import (
+    AnalysisOptions,
+    ConfigError,
+    ExperimentConfig,
+    ProtocolConfig,
+    TrainConfig,
+    load_config,
+    to_dict,
+)
 from kdaudit.protocol import expand, smoke
-from kdaudit.report import verdict_lines, write_report
-from kdaudit.results import load_runs, load_teachers, targeted_transfer
-from kdaudit.stats import Analysis, analyse
-from kdaudit.store import RunStore, code_version
 
-
-@dataclass(frozen=True)
-class AuditResult:
-    out: Path
-    runs: pd.DataFrame  # tidy: one row per student run per metric
-    teachers: pd.DataFrame  # one row per teacher
-    analysis: Analysis
-    report: Path  # index.html
-    outcome: GridOutcome | None = None  # what the call that made it ran (audit() only)
-
-    @property
-    def verdicts(self) -> pd.DataFrame:
-        return self.analysis.verdicts_frame()
-
-    def verdict_lines(self) -> list[str]:
-        return verdict_lines(self.analysis)
+__all__ = ["AuditOptions", "audit", "compare", "report", "run", "status"]
 
 
 def run(
@@ -47,11 +37,15 @@ def run(
     data_dir: str | Path | None = None,
     smoke_test: bool = False,
     retry_failed: bool = False,
-    reporter: Reporter | None = None,
-    executor: ExecutorConfig | str = "local",
-) -> tuple[GridOutcome, AuditResult | None]:
-    """Run (or resume) the audit a config describes, then write its report.
-    `executor`: "local", "ray", or an ExecutorConfig (workers, threads, address, retries)."""
+    reporter=None,  # kdaudit.executors.progress.Reporter
+    executor="local",  # "local", "ray", or a kdaudit.executors.ExecutorConfig
+):
+    """Run (or resume) the audit a config describes, then write its report. Returns an
+    AuditResult whose `outcome` says what this call ran; its analysis and report are None
+    while no student run is complete."""
+    from kdaudit.executors import run_grid
+    from kdaudit.store import RunStore
+
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if smoke_test:
         cfg = smoke(cfg)
@@ -60,8 +54,28 @@ def run(
     cfg = _pin_teacher(cfg)
     _check_user_code(cfg, executor, data_dir)
     outcome = run_grid(cfg, out, executor, device, data_dir, retry_failed, reporter)
-    has_students = any(RunStore(out).is_complete(s.run_id) for s in expand(cfg).students)
-    return outcome, (report(out, data_dir) if has_students else None)
+    if not any(RunStore(out).is_complete(s.run_id) for s in expand(cfg).students):
+        return _unanalysed(out, outcome)
+    return replace(report(out, data_dir), outcome=outcome)
+
+
+def _unanalysed(out: Path, outcome):
+    import pandas as pd
+
+    from kdaudit.report.result import AuditResult
+
+    return AuditResult(out, pd.DataFrame(), pd.DataFrame(), None, None, outcome)
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How `audit()` runs (none of it changes a run's result)."""
+
+    device: str = "auto"
+    executor: Any = "local"  # the local executor without workers; an ExecutorConfig for threads
+    save_weights: bool = False
+    retry_failed: bool = False
+    reporter: Any = None  # kdaudit.executors.progress.Reporter
 
 
 def audit(
@@ -71,21 +85,14 @@ def audit(
     *,
     teacher: Any = None,
     out: str | Path | None = None,
-    alphas: Iterable[float] | None = None,
-    temperatures: Iterable[float] | None = None,
-    teacher_seeds: Iterable[int] | None = None,
-    student_seeds: Iterable[int] | None = None,
-    conditions: Iterable[str] | None = None,
-    num_classes: int | None = None,
     name: str = "audit",
-    device: str = "auto",
-    executor: ExecutorConfig | str = "local",
-    analysis: Any = None,
-    save_weights: bool = False,
-    retry_failed: bool = False,
-    reporter: Reporter | None = None,
-    **training: Any,
-) -> AuditResult:
+    num_classes: int | None = None,
+    protocol: ProtocolConfig | None = None,
+    training: TrainConfig | None = None,
+    analysis: AnalysisOptions | None = None,
+    options: AuditOptions | None = None,
+    **keywords: Any,
+):
     """Audit your own distillation: the protocol of `run`, on your models and data.
 
     model: a factory, seed (int) -> a new nn.Module mapping inputs (B, ...) to logits (B, K);
@@ -95,38 +102,65 @@ def audit(
         trained from it), or a trained nn.Module (a pretrained teacher: one teacher, whose
         students start from their own initialisation per student seed).
     train, test: map-style Datasets of (input, label) pairs, or pairs of tensors (x, y).
-    alphas, temperatures, teacher_seeds, student_seeds, conditions: the grid (None: the
-        protocol's defaults; one teacher seed with a pretrained teacher).
-    **training: kdaudit.config.TrainConfig fields (optimizer, lr, epochs, batch_size, ...).
-    executor: the local executor without workers (the objects live in this process); an
-        ExecutorConfig sets its `threads`.
+    protocol, training, analysis, options: typed configs (kdaudit.config.ProtocolConfig,
+        TrainConfig, AnalysisOptions; AuditOptions); None: the defaults (one teacher seed with
+        a pretrained teacher).
+    **keywords: the common case without config objects: any field of those four by name,
+        e.g. alphas=(0.5,), student_seeds=range(10, 15), conditions=["siddo", "rcd",
+        {"factory": "mypkg.losses:reverse_kl", "name": "rkd"}], epochs=5, device="cpu".
+        A keyword overrides the same field of an object passed.
 
     Runs are stored in `out` (default runs/<name>); the same call again resumes.
     """
-    from kdaudit.objects import experiment_from_objects
-    from kdaudit.runner import check_models
+    from kdaudit.api.objects import experiment_from_objects
+    from kdaudit.engine.run import check_models
+    from kdaudit.executors import run_grid
 
-    options = _in_process(executor)
+    parts = _split_keywords(keywords, protocol, training, options)
+    run_options = replace(options or AuditOptions(), **parts["options"])
+    executor = _in_process(run_options.executor)
     out = Path(out) if out else Path("runs") / name
-    grid_keys = {"alphas": alphas, "temperatures": temperatures, "teacher_seeds": teacher_seeds,
-                 "student_seeds": student_seeds, "conditions": conditions}  # fmt: skip
     cfg, data = experiment_from_objects(
         model, train, test, teacher=teacher, out=out, name=name, num_classes=num_classes,
-        protocol={k: _as_list(v) for k, v in grid_keys.items() if v is not None}, training=training,
-        analysis=analysis, save_weights=save_weights,
+        protocol=parts["protocol"], training=parts["training"], analysis=analysis,
+        save_weights=run_options.save_weights,
     )  # fmt: skip
     check_models(expand(cfg), data)
-    outcome = run_grid(cfg, out, options, device, None, retry_failed, reporter)
+    outcome = run_grid(cfg, out, executor, run_options.device, None, run_options.retry_failed,
+                       run_options.reporter)  # fmt: skip
     _check_outcome(out, cfg, outcome)
     return replace(report(out), outcome=outcome)
 
 
+def _split_keywords(keywords: dict, protocol, training, options) -> dict[str, dict]:
+    """The simple keyword form, sorted into the config each keyword belongs to (the objects'
+    fields first, the keywords over them)."""
+    owners = {"protocol": ProtocolConfig, "training": TrainConfig, "options": AuditOptions}
+    given = {"protocol": protocol, "training": training, "options": options}
+    parts = {}
+    for part, cls in owners.items():
+        names = {f.name for f in fields(cls)}
+        base = to_dict(given[part], drop_defaults=True) if given[part] is not None else {}
+        if part == "options":
+            base = {}  # AuditOptions is applied with replace(), objects and all
+        parts[part] = {**base, **{k: _as_list(v) for k, v in keywords.items() if k in names}}
+    unknown = sorted(set(keywords) - {k for p in parts.values() for k in p})
+    if unknown:
+        allowed = sorted({f.name for cls in owners.values() for f in fields(cls)})
+        raise ConfigError(f"audit(): unknown keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    return parts
+
+
 def _as_list(value: Any) -> Any:
     # ranges, generators and arrays of seeds or alphas, as the config's lists; one value stays
-    return list(value) if isinstance(value, Iterable) and not isinstance(value, str) else value
+    if isinstance(value, Iterable) and not isinstance(value, str | dict):
+        return list(value)
+    return value
 
 
-def _in_process(executor: ExecutorConfig | str) -> ExecutorConfig:
+def _in_process(executor):
+    from kdaudit.executors import ExecutorConfig
+
     options = ExecutorConfig(executor) if isinstance(executor, str) else executor
     if options.name != "local" or (options.workers or 1) > 1:
         raise ConfigError(
@@ -138,9 +172,11 @@ def _in_process(executor: ExecutorConfig | str) -> ExecutorConfig:
     return options
 
 
-def _check_outcome(out: Path, cfg: ExperimentConfig, outcome: GridOutcome) -> None:
+def _check_outcome(out: Path, cfg: ExperimentConfig, outcome) -> None:
     """Raise when nothing can be reported (a teacher or every student failed); warn when
     some runs failed (the report leaves them out and shows the reduced n)."""
+    from kdaudit.store import RunStore
+
     if not outcome.failed:
         return
     store, grid = RunStore(out), expand(cfg)
@@ -177,10 +213,12 @@ def _pin_teacher(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def _check_user_code(cfg: ExperimentConfig, executor, data_dir) -> None:
     """User code and checkpoints fail here, once, with their own message, rather than in
-    every run: import every named factory; on the local executor, also build the models
-    (and load the checkpoint) on the data."""
+    every run: import every named factory and user loss; on the local executor, also build
+    the models (and load the checkpoint) on the data and call each loss once."""
+    from kdaudit.conditions import condition
+    from kdaudit.conditions.objectives import user_loss
     from kdaudit.data import load_data
-    from kdaudit.runner import check_models
+    from kdaudit.engine.run import check_models
     from kdaudit.user_code import import_callable
 
     sections = {"data": cfg.data, "model": cfg.model,
@@ -189,20 +227,26 @@ def _check_user_code(cfg: ExperimentConfig, executor, data_dir) -> None:
     named = {k: s for k, s in sections.items() if getattr(s, "name", None) == "factory"}
     for key, section in named.items():
         import_callable(section.factory, f"{key}.factory")
+    losses = [condition(n) for n in cfg.protocol.condition_names if condition(n).loss]
+    for entry in losses:
+        user_loss(entry)
     local = executor == "local" or getattr(executor, "name", None) == "local"
-    if (named or cfg.pretrained_teacher) and local:
+    if (named or losses or cfg.pretrained_teacher) and local:
         # the same cache key as the executor's load: this process loads the data once
         data = load_data(cfg.data, Path(data_dir).resolve() if data_dir else None)
         check_models(expand(cfg), data)
 
 
-def report(
-    out: str | Path, data_dir: str | Path | None = None, beside: Iterable[str | Path] = ()
-) -> AuditResult:
-    """Analyse the complete runs stored in `out` and write `out/report/`. `data_dir` is read
-    only by grids whose report needs the test data (targeted error transfer). `beside`: run
-    directories of other audits (say, the same grid with a RandAugment teacher) whose
-    teachers' train loss and KD transfer the report's teacher table sets beside this one's."""
+def report(out: str | Path, data_dir: str | Path | None = None, beside: Iterable[str | Path] = ()):
+    """Analyse the complete runs stored in `out` and write `out/report/`; an AuditResult.
+    `data_dir` is read only by grids whose report needs the test data (targeted error
+    transfer). `beside`: run directories of other audits (say, the same grid with a
+    RandAugment teacher) whose teachers' train loss and KD transfer the report's teacher
+    table sets beside this one's."""
+    from kdaudit.report import write_report
+    from kdaudit.report.result import AuditResult
+    from kdaudit.store.tables import targeted_transfer
+
     out = Path(out)
     cfg, runs, teachers, analysis = _analysed(out)
     targeted = targeted_transfer(out, cfg, expand(cfg), data_dir)
@@ -213,17 +257,24 @@ def report(
 
 
 def _analysed(out: Path):
+    from kdaudit.conditions import designs
+    from kdaudit.stats import analyse
+    from kdaudit.store import RunStore
+    from kdaudit.store.tables import load_runs, load_teachers
+
     cfg = RunStore(out).load_experiment()
     grid = expand(cfg)
     runs, teachers = load_runs(out, grid), load_teachers(out, grid)
     if runs.empty:
         raise RuntimeError(f"{out} holds no complete student run yet; run `kdaudit run` first")
-    return cfg, runs, teachers, analyse(runs, cfg.analysis)
+    return cfg, runs, teachers, analyse(runs, cfg.analysis, designs())
 
 
-def _regimes(dirs: list) -> pd.DataFrame:
+def _regimes(dirs: list):
     """The teacher-transfer rows of each audit, labelled by its name and by how its
     teachers were trained (the training keys in which they differ from the students)."""
+    import pandas as pd
+
     from kdaudit.report.tables import teacher_transfer_frame, teachers_frame
 
     frames = []
@@ -245,16 +296,18 @@ def _teacher_training(cfg: ExperimentConfig) -> str:
 
 
 def _meta(out: Path, cfg: ExperimentConfig) -> dict:
-    status = grid_status(out)
+    from kdaudit.store import code_version
+
+    state = status(out)
     meta = {
         "config": cfg.name,
-        "runs": f"{status['complete']} complete of {status['total']}",
+        "runs": f"{state['complete']} complete of {state['total']}",
         **code_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
-    if status["failed"]:
+    if state["failed"]:
         meta["failed runs"] = "; ".join(
-            f"{f['run_id']}: {f['error']}" for f in status["failed_runs"]
+            f"{f['run_id']}: {f['error']}" for f in state["failed_runs"]
         )
     if cfg.pretrained_teacher:
         p = cfg.protocol
@@ -265,8 +318,41 @@ def _meta(out: Path, cfg: ExperimentConfig) -> dict:
     return meta
 
 
+def status(out: str | Path) -> dict:
+    """The state of a run directory: counts overall and per condition, failed and damaged
+    runs, and the `kdaudit run` at work (kdaudit.executors.status.grid_status)."""
+    from kdaudit.executors.status import grid_status
+
+    return grid_status(out)
+
+
 def compare(manifest: str | Path, out: str | Path | None = None, **options):
-    """Audit saved test logits listed in a manifest CSV; see kdaudit.compare.compare."""
+    """Audit saved test logits listed in a manifest CSV (an AuditResult with `notes`); see
+    kdaudit.compare.compare for the options."""
     from kdaudit.compare import compare as compare_logits
 
     return compare_logits(manifest, out, **options)
+
+
+def accuracy_by_condition(runs):
+    """Mean, SEM and n of test accuracy per (teacher seed, condition, alpha, T, width)."""
+    from kdaudit.store.tables import accuracy_by_condition as by_condition
+
+    return by_condition(runs)
+
+
+# Types a caller builds or catches, loaded with the part of kdaudit that defines them.
+_TYPES = {
+    "AuditResult": "kdaudit.report.result",
+    "CompareError": "kdaudit.compare.errors",
+    "ExecutorConfig": "kdaudit.executors.core",
+    "RichReporter": "kdaudit.executors.progress",
+}
+
+
+def __getattr__(name: str):
+    if name in _TYPES:
+        import importlib
+
+        return getattr(importlib.import_module(_TYPES[name]), name)
+    raise AttributeError(f"module 'kdaudit.api' has no attribute {name!r}")

@@ -7,6 +7,8 @@
                                  `files`: the byte size and sha256 of every other file
         test_logits.npy          (N_test, K) fp32
         train_logits.npy         (N_train, K) fp32, teachers only (the students' KD targets)
+        students_test_logits.npy (N_test, K) fp32, a teacher trained on other data than its
+                                 students (protocol.teacher_data): its outputs on theirs
         weights.safetensors      optional
     DIR/failed/<run_id>.json     a run that raised or whose worker kept dying: error, step
     DIR/running/<run_id>.json    a run in flight: the pid and host of the process running it
@@ -44,6 +46,8 @@ from kdaudit.config import ExperimentConfig, dump_yaml, from_dict
 from kdaudit.protocol import RunSpec
 
 RECORD = "record.json"
+# a teacher trained on other data than its students: its test logits on their data
+STUDENTS_TEST_LOGITS = "students_test_logits"
 
 
 class StoreLocked(RuntimeError):
@@ -91,6 +95,9 @@ class RunStore:
     def array(self, run_id: str, name: str) -> np.ndarray:
         """A stored array, memory-mapped (read-only)."""
         return np.load(self.runs / run_id / f"{name}.npy", mmap_mode="r")
+
+    def has_array(self, run_id: str, name: str) -> bool:
+        return (self.runs / run_id / f"{name}.npy").is_file()
 
     def verify(self, run_id: str, checksums: bool = False) -> str | None:
         """What is wrong with a complete run's directory, or None when it is intact.

@@ -1,4 +1,6 @@
-"""Functional similarity between a teacher and a compared model (PROTOCOL section 4).
+"""Functional similarity between a teacher and a compared model (PROTOCOL section 4),
+streamed: every metric registered in kdaudit.metrics is finalised from the totals of the
+accumulator it names (ACCUMULATORS below).
 
 Everything is computed from logits converted chunk by chunk to float64 and accumulated in
 float64 (sums) or int64 (counts), so that test sets with many examples (or language-model
@@ -21,26 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-BETTER: dict[str, str] = {
-    "activation_distance": "lower",
-    "js_divergence": "lower",
-    "rank_disagreement": "lower",
-    "prediction_disagreement": "lower",
-    "prediction_agreement": "higher",
-    "correct_agreement": "higher",
-    "incorrect_agreement": "higher",
-    "variation_of_information": "lower",
-    "procrustes_distance": "lower",
-    "accuracy": "higher",
-    "loss": "lower",
-}
-
-FUNCTIONAL_METRICS = (
-    "activation_distance",
-    "rank_disagreement",
-    "prediction_disagreement",
-    "js_divergence",
-)
+from kdaudit.metrics import METRICS
 
 # Rows per chunk. On a 2-core CPU with K = 65 (benchmarks/metrics_bench.py), 1024 to 4096
 # rows were equally fast and larger chunks were no faster but needed more memory. Each
@@ -146,7 +129,7 @@ def functional_similarity_many(
             t = _to_device(teacher[start : start + rows], device)  # (B, K) input dtype
             y = _to_device(flat_labels[start : start + rows], device).long()  # (B,)
             teacher_check.update(t, start)
-            shared = _TeacherChunk(t)
+            shared = _Chunk(t)
             for model, acc in zip(flat_models, accs, strict=True):
                 acc.update(shared, _to_device(model[start : start + rows], device), y, start)
         # Checked before finalising: an SVD of non-finite sums fails with a less useful error.
@@ -154,7 +137,7 @@ def functional_similarity_many(
         for i, acc in enumerate(accs):
             name = "model_logits" if len(accs) == 1 else f"model_logits[{i}]"
             _raise_if_non_finite(acc.finite, _NON_FINITE + name, i, lead_shape)
-        return [_metrics_from_totals(_to_host(acc.totals()), n, k) for acc in accs]
+        return [_finalised(_to_host(acc.totals()), n, k) for acc in accs]
 
 
 _NON_FINITE = "non-finite values (nan or inf) in "
@@ -302,43 +285,41 @@ def _to_device(x: Array, device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------- accumulators
 
 
-class _TeacherChunk:
-    """The teacher's side of one chunk, computed once and shared by every compared model."""
+class _Chunk:
+    """One model's side of a chunk: computed once, the teacher's shared by every model."""
 
-    def __init__(self, t: torch.Tensor):
-        """t: (B, K) teacher logits in their input dtype."""
-        self.log_p = torch.log_softmax(t.double(), dim=1)  # (B, K) float64
+    def __init__(self, z: torch.Tensor):
+        """z: (B, K) logits in their input dtype."""
+        self.log_p = torch.log_softmax(z.double(), dim=1)  # (B, K) float64
         self.p = self.log_p.exp()
         # Sorting the input dtype gives the same order as float64 (the cast is exact).
-        self.order = _ranking(t)
+        self.order = _ranking(z)
 
 
 class _Accumulators:
-    """All running sums and counts of one model; `totals()` gives 0-d tensors on the device."""
+    """Every accumulator the registered metrics name, for one model; `totals()` gives 0-d
+    tensors on the device."""
 
     def __init__(self, k: int, device: torch.device, with_procrustes: bool = True):
-        self.distributions = _DistributionSums(device)
-        self.labelings = _LabelingCounts(k, device)
-        self.procrustes = (
-            _ProcrustesMoments(k, device) if with_procrustes else _NoProcrustes(device)
-        )
+        names = dict.fromkeys(m.accumulator for m in METRICS.entries())
+        self.parts = [_accumulator(name, k, device, with_procrustes) for name in names]
         self.finite = _FirstBadRow(device)
 
-    def update(self, teacher: _TeacherChunk, c: torch.Tensor, y: torch.Tensor, offset: int) -> None:
+    def update(self, teacher: _Chunk, c: torch.Tensor, y: torch.Tensor, offset: int) -> None:
         """c: (B, K) model logits in their input dtype; y: (B,) int64 labels."""
         self.finite.update(c, offset)
-        log_p_c = torch.log_softmax(c.double(), dim=1)  # (B, K) float64
-        p_c = log_p_c.exp()
-        self.distributions.update(teacher.log_p, log_p_c, teacher.p, p_c, y)
-        self.procrustes.update(teacher.p, p_c)
-        self.labelings.update(teacher.order, _ranking(c), y)
+        model = _Chunk(c)
+        for part in self.parts:
+            part.update(teacher, model, y)
 
     def totals(self) -> dict[str, torch.Tensor]:
-        return {
-            **self.distributions.totals(),
-            **self.labelings.totals(),
-            **self.procrustes.totals(),
-        }
+        return {name: v for part in self.parts for name, v in part.totals().items()}
+
+
+def _accumulator(name: str, k: int, device: torch.device, with_procrustes: bool):
+    if name == "procrustes" and not with_procrustes:
+        return _NoProcrustes(device)
+    return ACCUMULATORS[name](k, device)
 
 
 def _ranking(logits: torch.Tensor) -> torch.Tensor:
@@ -349,15 +330,15 @@ def _ranking(logits: torch.Tensor) -> torch.Tensor:
 class _DistributionSums:
     """Sums over examples of activation distance, JS divergence and cross-entropy (nats)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, k: int, device: torch.device):
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self.activation, self.js, self.nll = zero.clone(), zero.clone(), zero.clone()
 
-    def update(self, log_p_t, log_p_c, p_t, p_c, y: torch.Tensor) -> None:
-        """log_p_*, p_*: (B, K) float64 log-softmax and softmax; y: (B,) labels."""
-        self.activation += (p_t - p_c).norm(dim=1).sum()
-        self.js += _js_divergence(log_p_t, log_p_c, p_t, p_c).sum()
-        self.nll -= log_p_c.gather(1, y[:, None]).sum()
+    def update(self, t: _Chunk, c: _Chunk, y: torch.Tensor) -> None:
+        """t, c: the teacher's and the model's chunks; y: (B,) labels."""
+        self.activation += (t.p - c.p).norm(dim=1).sum()
+        self.js += _js_divergence(t.log_p, c.log_p, t.p, c.p).sum()
+        self.nll -= c.log_p.gather(1, y[:, None]).sum()
 
     def totals(self) -> dict[str, torch.Tensor]:
         return {"activation_sum": self.activation, "js_sum": self.js, "nll_sum": self.nll}
@@ -395,8 +376,9 @@ class _LabelingCounts:
         self.teacher_correct, self.agree_teacher_correct = zero.clone(), zero.clone()
         self.pairs = _TopPairCounts(k, device)
 
-    def update(self, order_t: torch.Tensor, order_c: torch.Tensor, y: torch.Tensor) -> None:
-        """order_t, order_c: (B, K) classes by rank; y: (B,) labels."""
+    def update(self, t: _Chunk, c: _Chunk, y: torch.Tensor) -> None:
+        """t, c: the teacher's and the model's chunks (classes by rank); y: (B,) labels."""
+        order_t, order_c = t.order, c.order  # (B, K)
         top_t, top_c = order_t[:, 0], order_c[:, 0]
         agree, teacher_right = top_t == top_c, top_t == y
         self.rank_diff += (order_t != order_c).sum()
@@ -497,8 +479,9 @@ class _ProcrustesMoments:
         self.ss_t = torch.zeros((), dtype=torch.float64, device=device)  # ||A_c||_F^2
         self.ss_c = torch.zeros((), dtype=torch.float64, device=device)
 
-    def update(self, p_t: torch.Tensor, p_c: torch.Tensor) -> None:
-        """p_t, p_c: (B, K) float64 softmax rows."""
+    def update(self, t: _Chunk, c: _Chunk, y: torch.Tensor) -> None:
+        """The two chunks' (B, K) float64 softmax rows."""
+        p_t, p_c = t.p, c.p
         b = p_t.shape[0]
         chunk_mean_t, chunk_mean_c = p_t.mean(dim=0), p_c.mean(dim=0)
         d_t, d_c = p_t - chunk_mean_t, p_c - chunk_mean_c  # (B, K) centred on the chunk
@@ -533,7 +516,7 @@ class _NoProcrustes:
     def __init__(self, device: torch.device):
         self.nan = torch.full((), math.nan, dtype=torch.float64, device=device)
 
-    def update(self, p_t: torch.Tensor, p_c: torch.Tensor) -> None:
+    def update(self, t: _Chunk, c: _Chunk, y: torch.Tensor) -> None:
         pass
 
     def totals(self) -> dict[str, torch.Tensor]:
@@ -580,30 +563,14 @@ def _raise_if_non_finite(
         )
 
 
-def _metrics_from_totals(totals: dict[str, float], n: int, k: int) -> dict[str, float | int]:
-    """Turn the summed counts into the metrics dict (all divisions happen here)."""
-    n_correct = int(totals["teacher_correct"])
-    n_incorrect = n - n_correct
-    agree_correct = int(totals["agree_teacher_correct"])
-    agree_incorrect = int(totals["agree"]) - agree_correct
-    disagreement = (n - int(totals["agree"])) / n
-    return {
-        "activation_distance": totals["activation_sum"] / n,
-        "js_divergence": totals["js_sum"] / n,
-        "rank_disagreement": int(totals["rank_diff"]) / (n * k),
-        "prediction_disagreement": disagreement,
-        "prediction_agreement": 1.0 - disagreement,
-        "correct_agreement": _ratio(agree_correct, n_correct),
-        "incorrect_agreement": _ratio(agree_incorrect, n_incorrect),
-        "n_teacher_correct": n_correct,
-        "n_teacher_incorrect": n_incorrect,
-        "variation_of_information": totals["vi"],
-        "procrustes_distance": totals["procrustes"],
-        "accuracy": int(totals["model_correct"]) / n,
-        "loss": totals["nll_sum"] / n,
-    }
+def _finalised(totals: dict[str, float], n: int, k: int) -> dict[str, float | int]:
+    """Every registered metric from the summed totals (all divisions happen there)."""
+    return {m.name: m.finalise(totals, n, k) for m in METRICS.entries()}
 
 
-def _ratio(count: int, total: int) -> float:
-    """Agreement over a subset; nan for an empty subset, where no rate exists."""
-    return count / total if total else math.nan
+# name -> accumulator class (k, device): update(teacher chunk, model chunk, labels), totals()
+ACCUMULATORS = {
+    "distributions": _DistributionSums,
+    "labelings": _LabelingCounts,
+    "procrustes": _ProcrustesMoments,
+}

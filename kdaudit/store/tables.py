@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from kdaudit.protocol import Grid, expand
 from kdaudit.stats import with_width
-from kdaudit.store import RunStore
+from kdaudit.store import STUDENTS_TEST_LOGITS, RunStore
+from kdaudit.store.targeted import completion_counts, prompt_rows
 
 # width: the student's width as a fraction of the teacher's (capacity grids; NaN elsewhere)
 KEYS = ["run_id", "teacher_seed", "student_seed", "condition", "alpha", "temperature", "width"]
@@ -66,29 +66,35 @@ def accuracy_by_condition(runs: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(mean="mean", sem="sem", n="count").reset_index()
 
 
-def targeted_counts(out: str | Path, grid: Grid, data, prompt: str,
+def targeted_counts(out: str | Path, grid: Grid, tokens, vocab: str, prompt: str,
                     completions: tuple[str, ...]) -> pd.DataFrame:  # fmt: skip
-    """Greedy completions of `prompt` in the students' test text (TokenData `data`), per
-    complete run, teachers included: rows (KEYS..., completion, count). A teacher trained on
-    other data (protocol.teacher_data) is run on this text from its stored weights."""
-    from kdaudit.runner import TeacherOutputs
-    from kdaudit.targeted import completion_counts, prompt_rows
-
+    """Greedy completions of `prompt` in the students' test text (`tokens`, indices into
+    `vocab`), per complete run, teachers included: rows (KEYS..., completion, count), read
+    from stored test logits. A teacher trained on other data (protocol.teacher_data) stored
+    its logits on the students' text too; one stored before that is left out."""
     store = RunStore(out)
-    teachers = TeacherOutputs(store, torch.device("cpu"))
-    rows_at = prompt_rows(data.test_tokens.cpu().numpy(), data.vocab, prompt)
-    done = [s for s in grid.students if store.is_complete(s.run_id)]
-    logits = {s.run_id: store.array(s.run_id, "test_logits") for s in done}
-    for student in done:  # each teacher's logits on the students' text, through one student
-        logits.setdefault(student.teacher_id, teachers.student_test_logits(student, data))
-    specs = [*grid.teachers, *done]
+    rows_at = prompt_rows(tokens, vocab, prompt)
     rows = []
-    for spec in (s for s in specs if s.run_id in logits):
-        counts = completion_counts(logits[spec.run_id], rows_at, data.vocab, completions)
+    for spec in [*grid.teachers, *grid.students]:
+        logits = _students_test_logits(store, spec)
+        if logits is None:
+            continue
+        counts = completion_counts(logits, rows_at, vocab, completions)
         keys = [spec.run_id, spec.teacher_seed, spec.student_seed, spec.condition, spec.alpha,
                 spec.temperature, spec.width]  # fmt: skip
         rows += [[*keys, c, n] for c, n in counts.items()]
     return pd.DataFrame(rows, columns=[*KEYS, "completion", "count"])
+
+
+def _students_test_logits(store: RunStore, spec):
+    """A complete run's test logits on the students' test data, or None."""
+    if not store.is_complete(spec.run_id):
+        return None
+    if spec.is_teacher and spec.students_data is not None:
+        if not store.has_array(spec.run_id, STUDENTS_TEST_LOGITS):
+            return None
+        return store.array(spec.run_id, STUDENTS_TEST_LOGITS)
+    return store.array(spec.run_id, "test_logits")
 
 
 def targeted_transfer(out: str | Path, cfg, grid: Grid, data_dir=None) -> pd.DataFrame | None:
@@ -102,4 +108,6 @@ def targeted_transfer(out: str | Path, cfg, grid: Grid, data_dir=None) -> pd.Dat
     if not hasattr(data, "vocab"):  # character text only: prompts are strings
         return None
     options = cfg.analysis
-    return targeted_counts(out, grid, data, options.targeted_prompt, options.targeted_completions)
+    tokens = data.test_tokens.cpu().numpy()
+    return targeted_counts(out, grid, tokens, data.vocab, options.targeted_prompt,
+                           options.targeted_completions)  # fmt: skip

@@ -1,37 +1,39 @@
 """Stacked execution (`--stack N`): runs that share a teacher, data, architecture and training
-config train together as one stacked model (kdaudit.stacked), and each is stored on its own,
+config train together as one stacked model (kdaudit.engine.stacking), and each is stored on its own,
 atomically, as the sequential executor stores it. A crash loses at most the stack in flight.
 
 Reproducibility: on the CPU a model's result in a stack does not depend on the stack's size,
 on its position in it or on the other models in it (bitwise; tests/test_stacked.py), so a
 grid that resumes with differently formed stacks gives the same runs bit for bit. Stacked
 runs differ from runs trained alone by floating-point rounding, which grows over training
-like any change of summation order (kdaudit.stacked), so a store keeps one setting.
+like any change of summation order (kdaudit.engine.stacking), so a store keeps one setting.
 """
 
 from __future__ import annotations
 
 import time
-import traceback
 import warnings
 
-from kdaudit.accel import architecture_key
-from kdaudit.conditions import feature_condition
+from kdaudit.conditions import condition
+from kdaudit.engine.accel import architecture_key
+from kdaudit.engine.loop import NonFiniteLoss, total_steps
+from kdaudit.engine.run import build_run, finish_run
+from kdaudit.engine.stacking import Member, StackMismatch, train_stacked, unstackable
+from kdaudit.engine.teachers import keeps_weights
 from kdaudit.executors.core import (
     RunContext,
     RunResult,
-    _worker_state,
     attempt,
     blocked,
     cpu_threads,
+    record_failure,
     release_worker_state,
+    teacher_ready,
+    worker_state,
 )
-from kdaudit.progress import Reporter
+from kdaudit.executors.progress import Reporter
 from kdaudit.protocol import RunSpec
-from kdaudit.runner import build_run, finish_run
-from kdaudit.stacked import Member, StackMismatch, train_stacked, unstackable
 from kdaudit.store import RunStore
-from kdaudit.train import NonFiniteLoss, total_steps
 
 
 def run_stacked(todo: list[RunSpec], ctx: RunContext, size: int, reporter: Reporter) -> None:
@@ -75,7 +77,7 @@ def _pack(by_seed, size: int) -> list[list[RunSpec]]:
 def stackable(spec: RunSpec) -> bool:
     """Loaded teachers are not trained, and feature-map objectives hook their own model and
     train parameters of their own, which a stacked (functional) model cannot carry."""
-    return spec.checkpoint is None and not feature_condition(spec.condition)
+    return spec.checkpoint is None and not condition(spec.condition).features
 
 
 def attempt_stack(
@@ -83,7 +85,7 @@ def attempt_stack(
 ) -> list[tuple[RunSpec, RunResult]]:
     """Train and store one group; per run its result (as `attempt` gives it alone)."""
     store = RunStore(ctx.out)
-    ready = [s for s in group if s.is_teacher or store.is_complete(s.teacher_id)]
+    ready = [s for s in group if teacher_ready(store, s)]
     results = [(s, blocked(s)) for s in group if s not in ready]
     if not ready:
         return results
@@ -91,7 +93,7 @@ def attempt_stack(
     if any(s.checkpoint is not None or not stackable(s) for s in ready):
         return solo()
     with cpu_threads(ctx.threads):
-        data, teachers = _worker_state(ready[0], ctx)
+        data, teachers = worker_state(ready[0], ctx)
         built = _build(ready, data, teachers)
         if built is None or architecture_key(built[0][0]) in _REFUSED:
             return solo()  # one at a time; `attempt` records a run that cannot be built
@@ -107,7 +109,7 @@ _REFUSED: set[str] = set()
 
 def _parts(pairs: list[tuple]) -> list[list[tuple]]:
     """The (spec, (model, objective)) pairs as stacks that can train: one stack, or one per
-    data seed for a model that draws random numbers (dropout; kdaudit.stacked.unstackable)."""
+    data seed for a model that draws random numbers (dropout; kdaudit.engine.stacking.unstackable)."""
     models, seeds = [m for _, (m, _) in pairs], [s.data_seed for s, _ in pairs]
     if unstackable(models, seeds) is None:
         return [pairs]
@@ -165,9 +167,8 @@ def _store(spec, model, outcome, data, store: RunStore, teachers, ctx, start) ->
     try:
         if isinstance(outcome, NonFiniteLoss):
             raise outcome
-        finish_run(spec, model, outcome, data, store, teachers, ctx.keeps_weights(spec), start)
+        keep = keeps_weights(spec, ctx.plan, data)
+        finish_run(spec, model, outcome, data, store, teachers, keep, start)
     except Exception as err:  # a failed run costs only itself: record it, go on
-        error = f"{type(err).__name__}: {err}"
-        store.write_failure(spec, error, traceback.format_exc(), getattr(err, "step", None))
-        return RunResult(spec.run_id, "failed", f"failed: {error}")
+        return record_failure(store, spec, err)
     return RunResult(spec.run_id, "complete", "complete")

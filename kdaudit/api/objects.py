@@ -17,12 +17,13 @@ from typing import Any
 
 from torch import nn
 
-from kdaudit.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from kdaudit.config import ExperimentConfig, from_dict, to_dict
 from kdaudit.data import TensorData
 from kdaudit.data.user import in_memory_data, tensor_data
+from kdaudit.errors import ConfigError, UserCodeError
 from kdaudit.models.checkpoint import file_sha256, state_dict_bytes
 from kdaudit.models.factory import in_memory_model, output_size
-from kdaudit.user_code import UserCodeError, reference_of
+from kdaudit.user_code import reference_of
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -38,7 +39,7 @@ def experiment_from_objects(
     num_classes: int | None,
     protocol: dict,
     training: dict,
-    analysis: Any = None,  # kdaudit.stats.AnalysisOptions
+    analysis: Any = None,  # kdaudit.config.AnalysisOptions
     save_weights: bool = False,
 ) -> tuple[ExperimentConfig, TensorData]:
     """The experiment `audit()` runs, and the materialised data it registered."""

@@ -12,7 +12,7 @@ the same minibatches, the same augmentation draws and the same dropout masks whe
 alone. In a stack they share them outright: one batch per step, drawn from the one random
 stream that `train` seeds with the data seed, dropout drawn once for all of them (vmap's
 randomness="same"), and one teacher forward pass on the batch serving every KD student
-(kdaudit.conditions.model_targets). Runs of several data seeds stack too, each drawing its
+(kdaudit.engine.teachers.model_targets). Runs of several data seeds stack too, each drawing its
 batches from its own stream, but only if the model draws no random numbers in its forward
 pass (`unstackable` says why not). Before the first step the stack checks that its first
 model's logits and gradients equal the model's own (`_check_forward`): a draw vmap cannot
@@ -37,17 +37,17 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from kdaudit.accel import accel_for, compiled
-from kdaudit.conditions import Batch, Objective
+from kdaudit.conditions.objectives import Batch, Objective
 from kdaudit.config import TrainConfig
-from kdaudit.train import (
-    CHECK_EVERY,
+from kdaudit.engine.accel import accel_for, compiled
+from kdaudit.engine.loop import (
     NonFiniteLoss,
     StepHook,
     TrainResult,
     batch_order,
     make_optimizer,
     make_schedule,
+    run_steps,
     total_steps,
 )
 
@@ -106,29 +106,25 @@ def train_stacked(
     forward = _stacked_forward(models[0], accel.compile)
     optimizer = make_optimizer(state.leaves, cfg)
     schedule = make_schedule(optimizer, cfg, total_steps(data.n_train, cfg))
-    nonfinite = torch.zeros(len(members), dtype=torch.bool, device=data.device)  # (K,)
-    failures: dict[int, NonFiniteLoss] = {}
-    step = -1
-    for step, batches in enumerate(streams.batches(data)):  # one Batch per member
+    first = [True]
+
+    def losses(batches: list[Batch]) -> torch.Tensor:  # (K,)
         x = torch.stack([b.x for b in batches])  # (K, B, ...)
-        if step == 0:
+        if first[0]:
             _check_forward(forward, state, models[0], x, accel)
+            first[0] = False
         with accel.autocast():
             logits = forward(state.views(), state.buffers, x)  # (K, B, C) or (K, B, T, V)
-        losses = _losses(members, logits.float(), batches)  # (K,)
-        # d(sum)/d(loss_k) = 1: each model gets exactly the gradient of its own loss
-        _update(optimizer, schedule, losses.sum())
-        nonfinite |= ~torch.isfinite(losses.detach())  # no host sync here
-        if on_step is not None:
-            on_step(step, batches[0].idx, losses.detach().mean())
-        if step % CHECK_EVERY == CHECK_EVERY - 1:
-            _check(nonfinite, step, failures)
-    _check(nonfinite, step, failures)
+        return _losses(members, logits.float(), batches)
+
+    steps = ((batches[0].idx, batches) for batches in streams.batches(data))  # one Batch per member
+    n_steps, failures = run_steps(steps, losses, optimizer, schedule, len(members), data.device,
+                                  on_step)  # fmt: skip
     state.unstack(models)
     seconds = (time.perf_counter() - start) / len(members)  # each member's share
     engine = accel.describe()
     return [
-        failures.get(k) or TrainResult(step + 1, seconds, {**engine, "stack": _where(k, members)})
+        failures.get(k) or TrainResult(n_steps, seconds, {**engine, "stack": _where(k, members)})
         for k in range(len(members))
     ]
 
@@ -197,14 +193,6 @@ def _set_rng_state(device: torch.device, state: tuple) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
-
-
-def _update(optimizer, schedule, loss: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if schedule is not None:
-        schedule.step()
 
 
 class _Streams:
@@ -318,13 +306,6 @@ def _losses(members: list[Member], logits: torch.Tensor, batches: list[Batch]) -
     return torch.stack(
         [m.objective(z.flatten(0, -2), b) for m, z, b in zip(members, logits, batches, strict=True)]
     )
-
-
-def _check(nonfinite: torch.Tensor, step: int, failures: dict[int, NonFiniteLoss]) -> None:
-    """Record, for members whose loss went non-finite since the last check, the error the
-    solo loop raises at this check (same step window)."""
-    for k in torch.nonzero(nonfinite).flatten().tolist():
-        failures.setdefault(k, NonFiniteLoss(max(0, step - CHECK_EVERY + 1), step))
 
 
 def _where(k: int, members: list[Member]) -> dict:

@@ -1,0 +1,227 @@
+"""Training conditions (PROTOCOL section 2): each one typed description in one registry.
+
+A `Condition` says everything the rest of kdaudit asks about a condition: its role (the
+teacher, a treatment whose transfer is tested, or a control), the grid axes the protocol
+expands for it, the controls a treatment's verdict needs and those shown beside it, whether
+it needs the trained teacher, how the report names, orders and explains it, and the
+objective it trains with (`objective`, a 'module:function' resolved when a run is built, so
+that this module imports no torch: the statistics and the report read it on stored tables).
+
+The objectives themselves (kdaudit.conditions.objectives, features) share one loss form and
+differ only by the target they supply. Nothing outside this package names a condition.
+
+Your own KD loss is a treatment too (`loss_condition`): a function
+fn(student_logits, teacher_logits, labels, alpha, temperature) -> loss, named in a config as
+`{factory: "package.module:function", name: NAME}` among `protocol.conditions`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdaudit.errors import ConfigError
+from kdaudit.registry import Registry
+
+ROLES = ("teacher", "treatment", "control")
+_OBJECTIVES = "kdaudit.conditions.objectives"
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    role: str  # teacher | treatment (its transfer is tested) | control
+    objective: str  # 'module:function' building the objective (see objectives.build_objective)
+    params: tuple[str, ...] = ()  # grid axes the protocol expands: alpha, temperature
+    # treatments: the controls the verdict needs, in order; the first is the reference of the
+    # relative improvement (the independent-model control). A control is matched to a
+    # treatment's setting on the control's own params.
+    controls: tuple[str, ...] = ()
+    shown_beside: tuple[
+        str, ...
+    ] = ()  # treatments: controls tested when present, not in the verdict
+    needs_teacher: bool = False  # trains on the trained teacher's outputs or features
+    features: bool = (
+        False  # hooks the student, trains parameters of its own, needs the teacher model
+    )
+    display: str = ""  # its name in the report (default: the name in capitals)
+    order: int = 100  # position among the conditions of a table
+    note: str = ""  # one line for the report's protocol decisions ("" : none)
+    # a condition this one equals up to a constant, at the given params of the other (LS and
+    # RCD at T = 1): the report measures the difference
+    equals: str | None = None
+    equals_at: tuple[tuple[str, float], ...] = ()
+    long_name: str = ""  # in sentences and titles ("Label smoothing")
+    equals_note: str = ""  # what the comparison with `equals` is, for the report
+    loss: str | None = None  # your own KD loss ('package.module:function'), for loss_condition
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"condition {self.name}: role must be one of {ROLES}")
+
+    @property
+    def label(self) -> str:
+        return self.display or self.name.upper()
+
+    @property
+    def is_treatment(self) -> bool:
+        return self.role == "treatment"
+
+
+CONDITIONS: Registry[Condition] = Registry("condition")
+
+
+@dataclass(frozen=True)
+class Design:
+    """A treatment's controls, each with the setting parameters it shares with the treatment's
+    setting (every control also shares the student width)."""
+
+    verdict: Mapping[str, tuple[str, ...]]  # the controls the verdict needs, in order
+    also: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tested, shown only
+
+    @property
+    def controls(self) -> dict[str, tuple[str, ...]]:
+        return {**self.verdict, **self.also}
+
+    @property
+    def reference(self) -> str | None:
+        """The control the relative improvement is measured against (the first of the verdict)."""
+        return next(iter(self.verdict), None)
+
+
+Designs = Mapping[str, Design]  # treatment condition -> its design
+
+
+def designs(names: Iterable[str] | None = None) -> dict[str, Design]:
+    """Per treatment (in registration order; only `names` if given), its controls, each
+    matched to a treatment's setting on the control's own params."""
+    matched = lambda cs: {c: CONDITIONS.get(c).params for c in cs}  # noqa: E731
+    chosen = None if names is None else set(names)
+    return {
+        c.name: Design(matched(c.controls), matched(c.shown_beside))
+        for c in CONDITIONS.entries()
+        if c.is_treatment and (chosen is None or c.name in chosen)
+    }
+
+
+def condition(name: str) -> Condition:
+    return CONDITIONS.get(name)
+
+
+def label(name: str) -> str:
+    """The report's name of a condition; an unknown name (a compare manifest's) as given."""
+    return CONDITIONS.get(name).label if name in CONDITIONS else name
+
+
+def order(name: str) -> int:
+    return CONDITIONS.get(name).order if name in CONDITIONS else len(CONDITIONS.entries()) + 100
+
+
+def builtin() -> list[Condition]:
+    """The conditions kdaudit ships (not the user losses registered in this process)."""
+    return [c for c in CONDITIONS.entries() if c.loss is None]
+
+
+DEFAULT_GRID = ("siddo", "kd", "rcd")  # the paper's self-distillation grid
+
+
+def is_treatment(name: str) -> bool:
+    return name in CONDITIONS and CONDITIONS.get(name).is_treatment
+
+
+def resolve(reference: str) -> Callable:
+    """The function a 'module:function' reference names (built-in objectives)."""
+    module, _, attr = reference.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ---------------------------------------------------------------- your own KD loss
+
+
+@dataclass(frozen=True)
+class LossConditionConfig:
+    """A treatment trained with your own distillation loss, as written in a config:
+    `{factory: "package.module:function", name: NAME}` among `protocol.conditions`."""
+
+    factory: str  # package.module:function, fn(student_logits, teacher_logits, labels, alpha, T)
+    name: str
+    controls: tuple[str, ...] = ("siddo", "rcd")  # the controls its verdict needs
+    display: str = ""  # its name in the report (default: NAME in capitals)
+
+
+def loss_condition(cfg: LossConditionConfig) -> Condition:
+    """Register (once per process) the treatment `cfg` describes; the same name with another
+    loss is an error."""
+    entry = Condition(
+        cfg.name, "treatment", f"{_OBJECTIVES}:loss_objective", params=("alpha", "temperature"),
+        controls=tuple(cfg.controls), needs_teacher=True, display=cfg.display, order=50,
+        note=f"{cfg.display or cfg.name.upper()}: your own KD loss {cfg.factory}, trained on "
+        "the same paired seeds and batches as KD and tested against the same controls.",
+        loss=cfg.factory,
+    )  # fmt: skip
+    if cfg.name in CONDITIONS:
+        if CONDITIONS.get(cfg.name) != entry:
+            raise ConfigError(
+                f"protocol.conditions: the name {cfg.name!r} is taken by another condition "
+                f"({CONDITIONS.get(cfg.name).loss or 'built in'}); choose another name"
+            )
+        return entry
+    unknown = [c for c in entry.controls if c not in CONDITIONS or condition(c).role != "control"]
+    if unknown:
+        controls = [c.name for c in CONDITIONS.entries() if c.role == "control"]
+        raise ConfigError(f"protocol.conditions: {cfg.name}: unknown control {unknown[0]!r}; "
+                          f"controls: {', '.join(controls)}")  # fmt: skip
+    return CONDITIONS.add(entry)
+
+
+def parse_entry(raw: Any, key: str = "protocol.conditions") -> str | LossConditionConfig:
+    """One item of protocol.conditions: a registered name, or your own loss (a mapping)."""
+    if isinstance(raw, LossConditionConfig):
+        return raw
+    if isinstance(raw, str):
+        if raw not in CONDITIONS:
+            names = sorted(c.name for c in builtin())
+            raise ConfigError(f"{key}: {raw!r} is not allowed; choose one of "
+                              f"{', '.join(names)}, or your own loss as "
+                              '{factory: "package.module:function", name: NAME}')  # fmt: skip
+        return raw
+    if not isinstance(raw, Mapping) or set(raw) - {"factory", "name", "controls", "display"}:
+        raise ConfigError(
+            f"{key}: {raw!r} is neither a condition name nor your own loss; write "
+            '{factory: "package.module:function", name: NAME} (optional: controls, display)'
+        )
+    missing = [k for k in ("factory", "name") if k not in raw]
+    if missing:
+        raise ConfigError(f"{key}: your own loss needs {missing[0]!r}, e.g. "
+                          '{factory: "mypkg.losses:reverse_kl", name: rkd}')  # fmt: skip
+    controls = raw.get("controls", ("siddo", "rcd"))
+    return LossConditionConfig(str(raw["factory"]), str(raw["name"]), tuple(controls),
+                               str(raw.get("display", "")))  # fmt: skip
+
+
+def _add(name: str, role: str, objective: str, **facts: Any) -> None:
+    module = _OBJECTIVES if ":" not in objective else ""
+    CONDITIONS.add(Condition(name, role, f"{module}:{objective}" if module else objective, **facts))
+
+
+_add("teacher", "teacher", "cross_entropy", display="Teacher", order=0)
+_add("siddo", "control", "cross_entropy", display="SIDDO", order=1)
+_add("kd", "treatment", "kd", params=("alpha", "temperature"), controls=("siddo", "rcd"),
+     shown_beside=("ls",), needs_teacher=True, display="KD", order=2,
+     note="Supported transfer: a strict majority of the functional metrics significant against "
+     "both SIDDO and RCD (at the same alpha and T); LS is tested and shown but not used in the "
+     "verdict.")  # fmt: skip
+_add("rcd", "control", "rcd", params=("alpha", "temperature"), display="RCD", order=3)
+_add("ls", "control", "ls", params=("alpha",), display="LS", order=4, equals="rcd",
+     equals_at=(("temperature", 1.0),), long_name="Label smoothing",
+     equals_note="Label smoothing at ε = α against RCD at the same α and T = 1 (equal losses "
+     "up to a constant)")  # fmt: skip
+_add("fmkd", "treatment", "kdaudit.conditions.features:fmkd", params=("alpha",), controls=("siddo", "fmrc"),
+     needs_teacher=True, features=True, display="FMKD", order=5,
+     note="Feature-map matching (FMKD): supported when a strict majority of the functional "
+     "metrics are significant against both SIDDO and FMRC (the same loss with a fixed random "
+     "target of the teacher feature's shape and standard deviation, at the same alpha).")  # fmt: skip
+_add("fmrc", "control", "kdaudit.conditions.features:fmrc", params=("alpha",), needs_teacher=True, features=True,
+     display="FMRC", order=6)  # fmt: skip

@@ -1,0 +1,184 @@
+"""The objectives of the conditions (PROTOCOL section 2): one loss form, different targets.
+
+An objective is `objective(logits, batch) -> loss`. The training loop is the same for every
+condition; only the objective differs. KD gets the teacher's logits for a batch from a
+`TeacherTargets` callable (kdaudit.engine.teachers: cached per example, or a teacher forward
+pass on the batch). Feature-map objectives (kdaudit.conditions.features) hook the student
+model and train parameters of their own; the loop adds those to the optimizer.
+
+Every builder has one signature, `build(condition, alpha, temperature, num_classes, teacher,
+student)`, and is named by its registry entry (kdaudit.conditions).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdaudit.conditions import CONDITIONS, Condition, resolve
+from kdaudit.errors import UserCodeError
+
+
+@dataclass(frozen=True)
+class Batch:
+    idx: torch.Tensor  # (B,) training-set indices
+    x: torch.Tensor  # (B, ...) model inputs, after augmentation and normalisation
+    y: torch.Tensor  # (B,) labels
+
+
+Objective = Callable[[torch.Tensor, Batch], torch.Tensor]  # (logits (B, K), batch) -> loss
+TeacherTargets = Callable[[Batch], torch.Tensor]  # batch -> teacher logits (B, K)
+
+
+def build_objective(
+    name: str,
+    alpha,
+    temperature,
+    num_classes: int,
+    teacher=None,  # TeacherTargets; a kdaudit.conditions.features.FeatureSetup for feature conditions
+    student: nn.Module | None = None,  # the model to train (feature conditions hook it)
+) -> Objective:
+    entry = CONDITIONS.get(name)
+    if entry.needs_teacher and teacher is None:
+        raise ValueError(f"condition {name!r} needs the teacher's outputs")
+    if entry.features and student is None:
+        raise ValueError(f"condition {name!r} hooks the student: pass student=")
+    return resolve(entry.objective)(entry, alpha, temperature, num_classes, teacher, student)
+
+
+def objective_parameters(objective: Objective) -> list[torch.Tensor]:
+    """Parameters an objective trains beside the model's (feature-map projections)."""
+    return list(objective.parameters()) if isinstance(objective, nn.Module) else []
+
+
+def distillation_loss(
+    logits: torch.Tensor,  # (B, K) student logits
+    labels: torch.Tensor,  # (B,)
+    target_log_probs: torch.Tensor,  # (B, K) or (1, K): log of the softened target distribution
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """(1 - alpha) CE(y, softmax(z)) + alpha T^2 KL(target || softmax(z / T)), KL batchmean."""
+    ce = F.cross_entropy(logits, labels)
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    target = target_log_probs.expand_as(log_q)
+    kl = F.kl_div(log_q, target, reduction="batchmean", log_target=True)
+    return (1.0 - alpha) * ce + alpha * temperature**2 * kl
+
+
+def _ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(logits, batch.y)
+
+
+def cross_entropy(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
+    """Plain CE: the teacher, and SIDDO (same init, different data order)."""
+    return _ce
+
+
+def kd(condition, alpha, temperature, num_classes, teacher: TeacherTargets, student) -> Objective:
+    """Target: the trained teacher's softened distribution on the same batch."""
+
+    def objective(logits, batch):
+        z_t = teacher(batch).to(logits.dtype)  # (B, K)
+        target = F.log_softmax(z_t / temperature, dim=-1)
+        return distillation_loss(logits, batch.y, target, alpha, temperature)
+
+    return objective
+
+
+def rcd(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
+    """Random control distillation: the KD loss form with the class-uniform target 1/K."""
+    uniform = torch.full((1, num_classes), -math.log(num_classes), dtype=torch.float64)
+
+    def objective(logits, batch):
+        target = uniform.to(logits.device, logits.dtype)
+        return distillation_loss(logits, batch.y, target, alpha, temperature)
+
+    return objective
+
+
+def ls(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
+    """Label smoothing with epsilon = alpha (an appendix control, equivalent to RCD at T=1)."""
+
+    def objective(logits, batch):
+        return F.cross_entropy(logits, batch.y, label_smoothing=alpha)
+
+    return objective
+
+
+# ---------------------------------------------------------------- your own KD loss
+
+LossFunction = Callable[..., torch.Tensor]  # (z_s (B, K), z_t (B, K), y (B,), alpha, T) -> loss
+LOSS_PARAMETERS = ("student_logits", "teacher_logits", "labels", "alpha", "temperature")
+
+
+def loss_objective(condition: Condition, alpha, temperature, num_classes, teacher, student):
+    """A treatment trained with the user's loss fn(student_logits, teacher_logits, labels,
+    alpha, temperature) on the teacher's logits for the same batch. Its first loss is
+    checked (a scalar, finite), once: after that the loop's own non-finite check applies."""
+    fn = user_loss(condition)
+    checked = [False]
+
+    def objective(logits, batch):
+        loss = fn(logits, teacher(batch).to(logits.dtype), batch.y, alpha, temperature)
+        if not checked[0]:
+            check_loss_value(loss, condition, "on the first batch")
+            checked[0] = True
+        return loss
+
+    return objective
+
+
+def user_loss(condition: Condition) -> LossFunction:
+    """The condition's loss function, imported and its signature checked."""
+    from kdaudit.user_code import import_callable
+
+    fn = import_callable(condition.loss, f"protocol.conditions ({condition.name}).factory")
+    try:
+        inspect.signature(fn).bind(*LOSS_PARAMETERS)
+    except TypeError as err:
+        raise UserCodeError(
+            f"loss {condition.loss} ({condition.name}) cannot be called as "
+            f"fn({', '.join(LOSS_PARAMETERS)}): {err}; give it exactly these five parameters"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): the first call tells
+        pass
+    return fn
+
+
+def check_loss_value(loss, condition: Condition, where: str) -> None:
+    name = f"loss {condition.loss} ({condition.name})"
+    if not isinstance(loss, torch.Tensor):
+        raise UserCodeError(f"{name} returned a {type(loss).__name__} {where}; return a "
+                            "torch scalar (a 0-d tensor) that carries the gradient")  # fmt: skip
+    if loss.dim() != 0:
+        raise UserCodeError(f"{name} returned shape {tuple(loss.shape)} {where}, not a "
+                            "scalar; reduce it, e.g. with .mean() over the batch")  # fmt: skip
+    if not bool(torch.isfinite(loss.detach())):
+        raise UserCodeError(f"{name} returned {loss.item()} {where}; check it for log(0), "
+                            "division by zero or overflow (work in log space)")  # fmt: skip
+    if not loss.requires_grad:
+        raise UserCodeError(f"{name} returned a loss without gradient {where}; compute it "
+                            "from student_logits with torch operations (no .item(), numpy)")  # fmt: skip
+
+
+def check_user_loss(condition: Condition, num_classes: int = 5) -> None:
+    """Call the user's loss once on random logits (as before any run): a wrong signature, a
+    non-scalar, a NaN or a loss without gradient fails here in one line, not in every run."""
+    fn = user_loss(condition)
+    gen = torch.Generator().manual_seed(0)
+    z_s = torch.randn(8, num_classes, generator=gen).requires_grad_()
+    z_t = torch.randn(8, num_classes, generator=gen)
+    y = torch.randint(num_classes, (8,), generator=gen)
+    try:
+        loss = fn(z_s, z_t, y, 0.5, 2.0)
+    except Exception as err:
+        raise UserCodeError(f"loss {condition.loss} ({condition.name}) fails on random logits "
+                            f"(8, {num_classes}): {type(err).__name__}: {err}") from None  # fmt: skip
+    check_loss_value(loss, condition, "on random logits")

@@ -1,0 +1,185 @@
+"""Everything about a teacher: how its students get its outputs, and what it keeps.
+
+A teacher is trained like any run, or loaded from a checkpoint (`load_teacher`). When it
+is stored it keeps (`keeps_weights`): its test logits always; its logits on the unaugmented
+training set when its students can use them cached (`cached`: one output per example, no
+augmentation), its logits on its students' test data when it trained on other data
+(protocol.teacher_data), and its weights whenever a student must run it (augmented batches,
+text windows, feature-map conditions, other data) or the config asks for them.
+
+A student's KD target (`Teachers.targets`) is then the cached logits per index, or a
+forward pass of the teacher on the student's batch (one per batch, shared by a stack), or
+for feature-map conditions the teacher model itself (a FeatureSetup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kdaudit.conditions import condition
+from kdaudit.conditions.features import PROBE, FeatureSetup
+from kdaudit.conditions.objectives import Batch, TeacherTargets
+from kdaudit.engine.evaluate import predict
+from kdaudit.models import build_model
+from kdaudit.models.checkpoint import load_into, read_state_dict
+from kdaudit.protocol import RunSpec, TeacherPlan
+from kdaudit.store import STUDENTS_TEST_LOGITS as STUDENTS_TEST
+from kdaudit.store import RunStore
+
+
+def cached(spec: RunSpec, data) -> bool:
+    """Whether students take the teacher's outputs cached per example. A run's
+    train.augment is the students' setting too in one grid: the teacher stores its weights
+    whenever its own grid's students cannot use cached outputs."""
+    return data.cacheable and spec.train.augment == "none"
+
+
+def keeps_weights(spec: RunSpec, plan: TeacherPlan, data) -> bool:
+    """Whether a run stores its weights: every run when the config saves weights; a teacher
+    when a student will run it (see the module doc)."""
+    if plan.save_weights:
+        return True
+    if not spec.is_teacher:
+        return False
+    return plan.features or spec.students_data is not None or not cached(spec, data)
+
+
+def load_teacher(spec: RunSpec, data) -> torch.nn.Module:
+    """A pretrained teacher: the model `spec.model` builds, with the checkpoint's weights."""
+    model = build_model(spec.model, data.input_shape, data.num_classes, spec.init_seed)
+    state = read_state_dict(spec.checkpoint, spec.checkpoint_sha256)
+    load_into(model, state, spec.checkpoint)
+    return model.to(data.device)
+
+
+def teacher_arrays(spec: RunSpec, model, data, students_data) -> dict[str, np.ndarray]:
+    """What a finished teacher stores besides its test logits: its training-set logits (the
+    cached KD targets) and, trained on other data, its test logits on its students' data."""
+    arrays = {}
+    if data.cacheable:
+        arrays["train_logits"] = predict(model, data, "train", spec.train.eval_batch_size).numpy()
+    if spec.students_data is not None:
+        on_students = predict(model, students_data, "test", spec.train.eval_batch_size)
+        arrays[STUDENTS_TEST] = on_students.numpy()
+    return arrays
+
+
+def cached_targets(train_logits: torch.Tensor) -> TeacherTargets:
+    """The teacher's logits on the unaugmented training set (N, K), looked up per batch."""
+    return lambda batch: train_logits[batch.idx]
+
+
+def model_targets(teacher: torch.nn.Module) -> TeacherTargets:
+    """A forward pass of the (eval-mode) teacher on the batch the student sees. The last
+    batch's outputs are kept: students trained as one stack (kdaudit.engine.stacking) are
+    handed the same Batch, and one teacher forward pass serves them all."""
+    teacher.eval()
+    last: list = [None, None]  # [the batch's inputs (kept alive, so never a reused id), logits]
+
+    def targets(batch: Batch) -> torch.Tensor:
+        if last[0] is not batch.x:
+            with torch.no_grad():
+                last[:] = batch.x, teacher(batch.x).flatten(0, -2)  # (B, K) or (B * T, V)
+        return last[1]
+
+    return targets
+
+
+@dataclass
+class Teachers:
+    """The stored teachers of a grid, as their students need them: loaded once per teacher
+    and shared by all its students (of a worker process)."""
+
+    store: RunStore
+    device: torch.device
+    load: Callable | None = None  # data config -> data on the device (students' data)
+    _train: dict[str, torch.Tensor] = field(default_factory=dict)
+    _models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    _targets: dict[str, TeacherTargets] = field(default_factory=dict)
+    _on_students_data: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def targets(self, spec: RunSpec, data):
+        """What a student trains on, None if its condition uses no teacher: the cached
+        logits, a teacher forward pass per batch (augmented batches, random windows, a
+        teacher of other data), or for feature-map conditions a FeatureSetup."""
+        entry = condition(spec.condition)
+        if not entry.needs_teacher:
+            return None
+        if entry.features:
+            return self._feature_setup(spec, data)
+        if cached(spec, data) and not self.other_data(spec):
+            return cached_targets(self.train_logits(spec.teacher_id))
+        return self._model_targets(spec.teacher_id, data)
+
+    def other_data(self, student: RunSpec) -> bool:
+        """The student's teacher trained on other data (protocol.teacher_data)."""
+        return self.store.spec(student.teacher_id).get("students_data") is not None
+
+    def train_logits(self, teacher_id: str) -> torch.Tensor:  # (N_train, K) on the device
+        if teacher_id not in self._train:
+            array = np.asarray(self.store.array(teacher_id, "train_logits"))
+            self._train[teacher_id] = torch.from_numpy(array.copy()).to(self.device)
+        return self._train[teacher_id]
+
+    def test_logits(self, student: RunSpec, data) -> np.ndarray:  # (N_test, K)
+        """The teacher's test logits on the student's test set: the stored ones (on the
+        students' data, for a teacher trained on other data; from its weights for a teacher
+        stored before such logits were kept)."""
+        key = student.teacher_id
+        if not self.other_data(student):
+            return self.store.array(key, "test_logits")
+        if self.store.has_array(key, STUDENTS_TEST):
+            return self.store.array(key, STUDENTS_TEST)
+        if key not in self._on_students_data:
+            logits = predict(self.model(key, data), data, "test", student.train.eval_batch_size)
+            self._on_students_data[key] = logits.numpy()
+        return self._on_students_data[key]
+
+    def _model_targets(self, teacher_id: str, data) -> TeacherTargets:
+        """One callable per teacher: the students of a stack share it, and with it one
+        teacher forward pass per batch."""
+        if teacher_id not in self._targets:
+            self._targets[teacher_id] = model_targets(self.model(teacher_id, data))
+        return self._targets[teacher_id]
+
+    def model(self, teacher_id: str, data) -> torch.nn.Module:
+        """The trained teacher, rebuilt from its stored config and weights."""
+        if teacher_id not in self._models:
+            self._models[teacher_id] = self._load_model(teacher_id, data)
+        return self._models[teacher_id]
+
+    def _load_model(self, teacher_id: str, data) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        from kdaudit.config import parse_registered
+
+        spec = self.store.spec(teacher_id)
+        path = self.store.runs / teacher_id / "weights.safetensors"
+        if not path.is_file():  # a teacher stored before a grid that needs its weights
+            raise FileNotFoundError(
+                f"teacher {teacher_id} has no stored weights, which these students need; "
+                "delete its run directory to retrain it (its weights are then kept)"
+            )
+        cfg = parse_registered("model", spec["model"])
+        model = build_model(cfg, data.input_shape, data.num_classes, spec["init_seed"])
+        model.load_state_dict(load_file(path))
+        return model.to(self.device)
+
+    def _feature_setup(self, spec: RunSpec, data) -> FeatureSetup:
+        idx = torch.arange(min(PROBE, data.n_train), device=data.device)
+        probe, _ = data.train_batch(idx, "none")  # (P, ...): unaugmented, no random draws
+        teacher = self.model(spec.teacher_id, data)
+        return FeatureSetup(teacher, spec.feature_modules, probe, spec.init_seed, spec.data_seed)
+
+    def students_data(self, spec: RunSpec):
+        """A teacher's students' data, when it trains on other data (else None)."""
+        if spec.students_data is None:
+            return None
+        if self.load is None:
+            raise RuntimeError(f"{spec.run_id} trains on other data than its students: "
+                               "Teachers needs `load` to read the students' data")  # fmt: skip
+        return self.load(spec.students_data)
