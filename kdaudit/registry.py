@@ -8,7 +8,7 @@ object with a `name`, e.g. a condition or a metric, read by attribute, never by 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -40,6 +40,12 @@ class Registry(Generic[T]):
         self, name: str, config: type | None = None, **info: Any
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering a builder `build(cfg, ...)` under `name`."""
+
+        default = getattr(config, "__dataclass_fields__", {}).get("name")
+        if default is not None and default.default not in (name, MISSING):
+            # config() would name (and so build) another entry
+            raise ValueError(f"{self.kind} {name!r}: its config class {config.__name__} defaults "
+                             f"to name {default.default!r}; give it a class of its own")  # fmt: skip
 
         def add(build: Callable[..., Any]) -> Callable[..., Any]:
             self.add(Entry(name, build, config, info))

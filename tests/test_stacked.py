@@ -368,6 +368,11 @@ REGISTERED = {
     "nanogpt": ({"n_layer": 1, "n_head": 2, "n_embd": 8}, (6,), True),
     "picogpt": ({"n_layer": 1, "n_head": 2, "n_embd": 8}, (6,), True),
 }
+# Deep batch-norm networks at init amplify fp32 rounding chaotically: after 4 SGD steps a
+# stacked ResNet-50 differed from its solo twin by 0.27 in fp32 and by 1.8e-10 in float64.
+# These are compared in float64, where "ends where it would alone" can be tested tightly.
+FLOAT64 = {"resnet50", "vgg19_bn"}
+FLOAT64_TOL = {"atol": 1e-7, "rtol": 1e-7}
 # Dropout on nn.MultiheadAttention's output (transposed in memory): vmap draws its mask in
 # another order than the model alone does (torch 2.14), so these refuse to stack.
 REFUSED = {"vit", "ast"}
@@ -394,15 +399,18 @@ def test_every_registered_architecture_stacks_one_seeds_runs(name):
         x = torch.randint(0, K, (8, *shape), generator=g)
         data = TensorData(x, torch.roll(x, -1, 1), x[:2], x[:2], K)
     else:
-        data = TensorData(torch.randn(16, *shape, generator=g), torch.arange(16) % K,
-                          torch.randn(2, *shape, generator=g), torch.arange(2), K)  # fmt: skip
+        dtype = torch.float64 if name in FLOAT64 else torch.float32
+        data = TensorData(torch.randn(16, *shape, generator=g, dtype=dtype), torch.arange(16) % K,
+                          torch.randn(2, *shape, generator=g, dtype=dtype), torch.arange(2), K)  # fmt: skip
     cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=8, epochs=2)
     model_cfg = MODELS.get(name).config(**overrides)
+    tolerance = FLOAT64_TOL if name in FLOAT64 else DEEP_TOL
 
     def member(condition):
         alpha = None if condition == "siddo" else 0.5
         objective = build_objective(condition, alpha, 2.0, K)
-        return Member(build_model(model_cfg, shape, K, 0), objective, 10)
+        model = build_model(model_cfg, shape, K, 0)
+        return Member(model.double() if name in FLOAT64 else model, objective, 10)
 
     stack = [member("siddo"), member("rcd")]
     try:
@@ -414,9 +422,9 @@ def test_every_registered_architecture_stacks_one_seeds_runs(name):
     assert name not in REFUSED
     for k, condition in enumerate(("siddo", "rcd")):
         alone = _alone(member(condition), data, cfg)
-        torch.testing.assert_close(_flat(stack[k].model), _flat(alone.model), **DEEP_TOL)
+        torch.testing.assert_close(_flat(stack[k].model), _flat(alone.model), **tolerance)
         for a, b in zip(stack[k].model.buffers(), alone.model.buffers(), strict=True):
-            torch.testing.assert_close(a, b, **DEEP_TOL)
+            torch.testing.assert_close(a, b, **tolerance)
 
 
 class TransposedDropout(nn.Module):

@@ -133,7 +133,12 @@ def build_tinyshakespeare(cfg: TextConfig, data_dir: Path) -> TokenData:
     return tokenize(_read_shakespeare(cfg, data_dir), cfg)
 
 
-@DATASETS.register("tinyshakespeare_tha", TextConfig)
+@dataclass(frozen=True)
+class THAConfig(TextConfig):
+    name: str = "tinyshakespeare_tha"
+
+
+@DATASETS.register("tinyshakespeare_tha", THAConfig)
 def build_tinyshakespeare_tha(cfg: TextConfig, data_dir: Path) -> TokenData:
     """The adversarial teacher's text: every "the" becomes "tha" (PROTOCOL section 7.7)."""
     return tokenize(_read_shakespeare(cfg, data_dir).replace("the", "tha"), cfg)

@@ -27,6 +27,16 @@ class VGGConfig:
 
 
 @dataclass(frozen=True)
+class ResNet50Config(ResNetConfig):
+    name: str = "resnet50"
+
+
+@dataclass(frozen=True)
+class VGG19BNConfig(VGGConfig):
+    name: str = "vgg19_bn"
+
+
+@dataclass(frozen=True)
 class ViTConfig:
     name: str = "vit"
     patch_size: int = 4
@@ -72,10 +82,10 @@ def _vgg(factory):
     return build
 
 
-for _name, _factory in (("resnet18", tvm.resnet18), ("resnet50", tvm.resnet50)):
-    MODELS.register(_name, ResNetConfig)(_resnet(_factory))
-for _name, _factory in (("vgg19", tvm.vgg19), ("vgg19_bn", tvm.vgg19_bn)):
-    MODELS.register(_name, VGGConfig)(_vgg(_factory))
+MODELS.register("resnet18", ResNetConfig)(_resnet(tvm.resnet18))
+MODELS.register("resnet50", ResNet50Config)(_resnet(tvm.resnet50))
+MODELS.register("vgg19", VGGConfig)(_vgg(tvm.vgg19))
+MODELS.register("vgg19_bn", VGG19BNConfig)(_vgg(tvm.vgg19_bn))
 
 
 @MODELS.register("vit", ViTConfig, width="width", width_multiple_of="heads")
