@@ -479,6 +479,7 @@ def test_fsdd_real_files(real_fsdd):
     assert data.input_shape == (1, 32, 63)
 
 
+@pytest.mark.slow
 def test_fsdd_config_runs_end_to_end_on_real_files(real_fsdd, tmp_path):
     argv = _smoke(ROOT / "configs" / "fsdd.yaml", tmp_path / "out", real_fsdd, "train.max_steps=5")
     assert cli.main(argv) == 0

@@ -15,6 +15,8 @@ from tests.test_audio import AUDIO_WRITERS
 from tests.test_text import TEXT, write_text
 from tests.test_vision import FAKE_WRITERS
 
+pytestmark = pytest.mark.slow  # end to end: whole grids through the CLI or API
+
 ROOT = Path(__file__).parents[1]
 SHARED = Path(os.environ.get("KDAUDIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))

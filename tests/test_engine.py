@@ -135,6 +135,7 @@ def test_a_crash_while_writing_leaves_no_half_written_run(tiny_config, tmp_path,
     assert run_local(cfg, tmp_path / "out", "cpu").completed == 6
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_the_run_in_flight(tiny_config, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "kdaudit.cli", "run", str(tiny_config), "--out", str(out),

@@ -12,6 +12,8 @@ from kdaudit.protocol import expand
 from kdaudit.store import RunStore
 from tests.fault_helpers import WorkerKiller, assert_same_runs, intact_runs
 
+pytestmark = pytest.mark.slow  # end to end: whole grids through the CLI or API
+
 
 def test_two_worker_processes_store_the_same_runs_bit_for_bit(tiny_config, tmp_path):
     cfg = load_config(tiny_config)

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from kdaudit import api
 from kdaudit.cli import main
 from kdaudit.conditions import objectives as conditions
@@ -16,6 +18,8 @@ from kdaudit.executors import grid_status, run_local
 from kdaudit.protocol import expand
 from kdaudit.store import RunStore
 from tests.fault_helpers import assert_same_runs, child_env, cli, intact_runs
+
+pytestmark = pytest.mark.slow  # end to end: whole grids through the CLI or API
 
 EPOCHS = "train.epochs=40"
 

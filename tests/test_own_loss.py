@@ -51,6 +51,7 @@ def _config(tmp_path, conditions, alphas=(0.5,)):
     return write_config(tmp_path, protocol=protocol)
 
 
+@pytest.mark.slow
 def test_own_loss_is_audited_beside_kd_under_its_own_name(tmp_path):
     result = api.run(_config(tmp_path, ["siddo", "kd", "rcd", OWN]), tmp_path / "out",
                      device="cpu")  # fmt: skip
@@ -68,6 +69,7 @@ def test_own_loss_is_audited_beside_kd_under_its_own_name(tmp_path):
     assert spec.loss == "tests.test_own_loss:reverse_kl"
 
 
+@pytest.mark.slow
 def test_own_loss_at_alpha_zero_reproduces_siddo_bit_for_bit(tmp_path):
     """Same init, batches and RNG draws as SIDDO: with its teacher term off, the user's
     loss trains exactly the SIDDO model, in this process and in worker processes."""

@@ -12,9 +12,13 @@ from kdaudit.executors import ExecutorConfig, grid_status, run_grid, run_local
 from kdaudit.protocol import expand
 from tests.fault_helpers import WorkerKiller, assert_same_runs, intact_runs
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("ray") is None, reason="ray is not installed: pip install 'ray>=2.9'"
-)
+pytestmark = [
+    pytest.mark.slow,  # end to end: grids on a Ray cluster
+    pytest.mark.skipif(
+        importlib.util.find_spec("ray") is None,
+        reason="ray is not installed: pip install 'ray>=2.9'",
+    ),
+]
 
 
 def test_cli_ray_executor_stores_the_same_runs_as_local(tiny_config, tmp_path, capsys):

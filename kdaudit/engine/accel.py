@@ -82,7 +82,7 @@ def compiled(model: nn.Module, backend: str = "inductor", stacked: bool = False)
     """torch.compile of the training forward `functional_call(architecture, (params,
     buffers), x)` (training mode: batch norm uses batch statistics, dropout is on); stacked:
     vmapped over a leading model dimension of all three, random draws made once for the
-    stack (kdaudit.stacked)."""
+    stack (kdaudit.engine.stacking)."""
     key = (architecture_key(model), backend, stacked)
     if key not in _COMPILED:
         # structure only (its tensors are replaced), in training mode whatever model's mode

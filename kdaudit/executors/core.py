@@ -37,7 +37,7 @@ EXECUTORS: Registry = Registry("executor")
 class ExecutorConfig:
     """How a grid is executed. None of it changes what a run computes, except `threads`
     (CPU results are bitwise reproducible for a fixed number of intra-op threads per run)
-    and `stack` > 1 (stacked runs equal runs alone up to rounding: kdaudit.stacked)."""
+    and `stack` > 1 (stacked runs equal runs alone up to rounding: kdaudit.engine.stacking)."""
 
     name: str = "local"  # local | ray
     workers: int | None = None  # runs at once: local processes (None = 1, in this process);

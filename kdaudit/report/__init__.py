@@ -1,7 +1,7 @@
 """The audit report: verdicts first, then the tables and the figure behind them.
 
 Reads only the run table, the teacher table and the analysis it is given; it never
-trains, and never touches the runner or the store. Numbers are formatted only here.
+trains, and never touches the engine or the store. Numbers are formatted only here.
 
     DIR/report/index.html       one self-contained page (inline CSS, PNGs as data URIs)
     DIR/report/report.md        the same content as Markdown
