@@ -133,20 +133,19 @@ def audit(
 
 
 def _split_keywords(keywords: dict, protocol, training, options) -> dict[str, dict]:
-    """The simple keyword form, sorted into the config each keyword belongs to (the objects'
-    fields first, the keywords over them)."""
-    owners = {"protocol": ProtocolConfig, "training": TrainConfig, "options": AuditOptions}
-    given = {"protocol": protocol, "training": training, "options": options}
+    """The simple keyword form, sorted into the config each keyword belongs to: protocol and
+    training as config sections (an object's fields, the keywords over them), options as
+    the AuditOptions fields to replace."""
+    owners = {"protocol": (ProtocolConfig, protocol), "training": (TrainConfig, training),
+              "options": (AuditOptions, None)}  # fmt: skip
     parts = {}
-    for part, cls in owners.items():
+    for part, (cls, given) in owners.items():
         names = {f.name for f in fields(cls)}
-        base = to_dict(given[part], drop_defaults=True) if given[part] is not None else {}
-        if part == "options":
-            base = {}  # AuditOptions is applied with replace(), objects and all
+        base = to_dict(given, drop_defaults=True) if given is not None else {}
         parts[part] = {**base, **{k: _as_list(v) for k, v in keywords.items() if k in names}}
-    unknown = sorted(set(keywords) - {k for p in parts.values() for k in p})
+    unknown = sorted(set(keywords) - {f.name for cls, _ in owners.values() for f in fields(cls)})
     if unknown:
-        allowed = sorted({f.name for cls in owners.values() for f in fields(cls)})
+        allowed = sorted({f.name for cls, _ in owners.values() for f in fields(cls)})
         raise ConfigError(f"audit(): unknown keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
     return parts
 
