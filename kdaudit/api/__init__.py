@@ -319,8 +319,8 @@ def _meta(out: Path, cfg: ExperimentConfig) -> dict:
 
 def status(out: str | Path) -> dict:
     """The state of a run directory: counts overall and per condition, failed and damaged
-    runs, and the `kdaudit run` at work (kdaudit.executors.status.grid_status)."""
-    from kdaudit.executors.status import grid_status
+    runs, and the `kdaudit run` at work (kdaudit.store.status.grid_status)."""
+    from kdaudit.store.status import grid_status
 
     return grid_status(out)
 

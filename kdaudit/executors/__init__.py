@@ -28,9 +28,9 @@ from kdaudit.executors.core import (
     resolve_device,
 )
 from kdaudit.executors.progress import NullReporter, Reporter
-from kdaudit.executors.status import grid_status, run_state
 from kdaudit.protocol import Grid, RunSpec, expand
 from kdaudit.store import RunStore, StoreLocked
+from kdaudit.store.status import grid_status, run_state
 
 __all__ = ["ExecutorConfig", "GridOutcome", "StoreLocked", "grid_status", "resolve_device",
            "run_grid", "run_local"]  # fmt: skip
