@@ -18,7 +18,7 @@ fn(student_logits, teacher_logits, labels, alpha, temperature) -> loss, named in
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,24 +85,18 @@ class Design:
     def controls(self) -> dict[str, tuple[str, ...]]:
         return {**self.verdict, **self.also}
 
-    @property
-    def reference(self) -> str | None:
-        """The control the relative improvement is measured against (the first of the verdict)."""
-        return next(iter(self.verdict), None)
-
 
 Designs = Mapping[str, Design]  # treatment condition -> its design
 
 
-def designs(names: Iterable[str] | None = None) -> dict[str, Design]:
-    """Per treatment (in registration order; only `names` if given), its controls, each
-    matched to a treatment's setting on the control's own params."""
+def designs() -> dict[str, Design]:
+    """Per treatment (in registration order), its controls, each matched to a treatment's
+    setting on the control's own params."""
     matched = lambda cs: {c: CONDITIONS.get(c).params for c in cs}  # noqa: E731
-    chosen = None if names is None else set(names)
     return {
         c.name: Design(matched(c.controls), matched(c.shown_beside))
         for c in CONDITIONS.entries()
-        if c.is_treatment and (chosen is None or c.name in chosen)
+        if c.is_treatment
     }
 
 
@@ -202,8 +196,10 @@ def parse_entry(raw: Any, key: str = "protocol.conditions") -> str | LossConditi
 
 
 def _add(name: str, role: str, objective: str, **facts: Any) -> None:
-    module = _OBJECTIVES if ":" not in objective else ""
-    CONDITIONS.add(Condition(name, role, f"{module}:{objective}" if module else objective, **facts))
+    """A built-in condition; `objective` names a function of kdaudit.conditions.objectives,
+    or any 'module:function'."""
+    reference = objective if ":" in objective else f"{_OBJECTIVES}:{objective}"
+    CONDITIONS.add(Condition(name, role, reference, **facts))
 
 
 _add("teacher", "teacher", "cross_entropy", display="Teacher", order=0)
