@@ -60,6 +60,15 @@ class TrainConfig:
         _check_positive("train.lr", self.lr)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.epochs", self.epochs)
+        _check_positive("train.eval_batch_size", self.eval_batch_size)
+        for key in ("max_steps", "eval_train_limit"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{key}: must be > 0, got {value}; leave it out "
+                                  "(null) for no limit")  # fmt: skip
+        for key in ("momentum", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,15 @@ class ProtocolConfig:
         for entry in entries:
             if not isinstance(entry, str):  # your own loss joins the condition registry
                 loss_condition(entry)
+        for key in ("teacher_seeds", "student_seeds"):
+            seeds = list(getattr(self, key))
+            if not seeds:
+                raise ConfigError(f"protocol.{key}: empty; give at least one seed, e.g. "
+                                  f"{key}: [{0 if key == 'teacher_seeds' else 10}]")  # fmt: skip
+            twice = sorted({s for s in seeds if seeds.count(s) > 1})
+            if twice:
+                raise ConfigError(f"protocol.{key}: seeds {twice} are listed twice; each "
+                                  "seed is one paired run per condition")  # fmt: skip
         names = self.condition_names
         if len(set(names)) != len(names):
             raise ConfigError(f"protocol.conditions: a condition is listed twice: {list(names)}")
@@ -164,12 +182,16 @@ class ProtocolConfig:
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    fdr_q: float = 0.05  # BH level over the functional metrics of one (setting, control)
+    fdr_q: float = 0.05  # FDR level over the functional metrics of one (setting, control)
+    fdr_method: str = "bh"  # bh: Benjamini-Hochberg (the paper); by: Benjamini-Yekutieli
     alpha_level: float = 0.05  # every other tested metric, uncorrected
     marginal_threshold: float = 0.10  # median relative improvement over SIDDO
     asymmetry_tolerance: float = 0.01  # |delta_incorrect - delta_correct| counted as equal
     baseline: str = "accuracy"  # best control B by mean accuracy, or "agreement" per bucket
-    exclude_controls: tuple[str, ...] = ()  # never used as the asymmetry baseline
+    exclude_controls: tuple[str, ...] = ()  # never used as the paper's asymmetry baseline
+    # the controls whose matrix cells (both scales) must agree for the robust asymmetry
+    # label; () : the treatment's verdict controls (SIDDO and RCD for KD)
+    asymmetry_controls: tuple[str, ...] = ()
     metrics: tuple[str, ...] = (*functional_metrics(), "accuracy", "loss")
     # targeted error transfer (text grids with protocol.teacher_data): greedy completions of
     # this prompt in the test text, counted per completion (the paper: "th" -> "a" / "e")
@@ -181,6 +203,10 @@ class AnalysisOptions:
         if self.baseline not in ("accuracy", "agreement"):
             raise ValueError(
                 f"analysis.baseline: {self.baseline!r} is not allowed; choose accuracy or agreement"
+            )
+        if self.fdr_method not in ("bh", "by"):
+            raise ValueError(
+                f"analysis.fdr_method: {self.fdr_method!r} is not allowed; choose bh or by"
             )
 
 
@@ -205,6 +231,18 @@ class ExperimentConfig:
     @property
     def student_model(self) -> Any:
         return self.protocol.student_model or self.model
+
+    def __post_init__(self) -> None:
+        from kdaudit.conditions import condition
+
+        only = [c for c in self.protocol.condition_names if condition(c).self_distillation_only]
+        smaller = self.protocol.student_widths or self.pretrained_teacher
+        if only and (not self.self_distillation or smaller):
+            raise ConfigError(
+                f"protocol.conditions: {only[0]} is a self-distillation control (the student "
+                "starts from the teacher's architecture and data order); remove it, or remove "
+                "protocol.student_model, student_widths or teacher_checkpoint"
+            )
 
     @property
     def self_distillation(self) -> bool:

@@ -7,7 +7,9 @@ Pairing rules, all in `_student`:
 - smaller-student distillation: all students of one student seed share the student
   initialisation (init seed = student seed) and the data order (student seed);
 - a pretrained teacher (protocol.teacher_checkpoint) is loaded, not trained; its initial
-  weights are unknown, so its students follow the smaller-student rule whatever their size.
+  weights are unknown, so its students follow the smaller-student rule whatever their size;
+- a control may change this on purpose (its registry entry's init_from, data_order_from):
+  DISDO starts from the student seed's initialisation and uses the teacher's data order.
 So for one (teacher seed, student seed) every condition gets the same init and the same
 minibatches; only the objective differs. Feature-map conditions (fmkd, fmrc) too: their
 projections and fixed random targets come from generators of their own, never from the
@@ -165,11 +167,13 @@ def _checkpoint(cfg: ExperimentConfig) -> dict:
 def _student(cfg, teacher: RunSpec, seed: int, name: str, alpha, temp, width=None) -> RunSpec:
     # A pretrained teacher's initial weights are unknown: its students share their own.
     shared_init = cfg.self_distillation and width is None and not cfg.pretrained_teacher
-    init_seed = teacher.init_seed if shared_init else seed
+    entry = condition(name)
+    init_seed = teacher.init_seed if shared_init and entry.init_from != "student" else seed
+    data_seed = teacher.data_seed if entry.data_order_from == "teacher" else seed
     model = cfg.student_model if width is None else scaled_model(cfg, width)
     features = cfg.protocol.feature_pairs if condition(name).features else ()
     return RunSpec(
-        name, teacher.teacher_seed, seed, alpha, temp, init_seed, seed,
+        name, teacher.teacher_seed, seed, alpha, temp, init_seed, data_seed,
         cfg.data, model, cfg.train, teacher.run_id, width=width, feature_modules=features,
         loss=cfg.protocol.loss_of(name),
     )  # fmt: skip

@@ -26,6 +26,17 @@ def test_loads_defaults_and_typed_sections(tiny_config):
         ("protocol.student_seeds=[0, 10]", "both teacher and student seeds"),
         ("train.optimizer=lbfgs", "choose one of adam, adamw, sgd"),
         ("analysis.baseline=best", "choose accuracy or agreement"),
+        ("analysis.fdr_method=holm", "analysis.fdr_method: 'holm' is not allowed; choose bh or by"),
+        ("train.max_steps=-5", "train.max_steps: must be > 0, got -5; leave it out"),
+        ("train.max_steps=0", "train.max_steps: must be > 0, got 0"),
+        ("train.eval_batch_size=0", "train.eval_batch_size: must be > 0"),
+        ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0"),
+        ("protocol.student_seeds=[]", "protocol.student_seeds: empty; give at least one seed"),
+        (
+            "protocol.student_seeds=[10, 11, 10]",
+            "protocol.student_seeds: seeds [10] are listed twice",
+        ),
+        ("protocol.teacher_seeds=[]", "protocol.teacher_seeds: empty"),
         ("nonsense", "expected key=value"),
     ],
 )

@@ -182,7 +182,8 @@ def test_settings_are_grouped_per_width():
     verdicts = analysis.verdicts_frame()
     assert set(verdicts["width"]) == {0.5, 1.0}
     strong = verdicts[verdicts["alpha"] == 0.9]
-    assert (strong["verdict"] == "supported").all() and (strong["asymmetry"] == "negative").all()
+    assert (strong["verdict"] == "supported").all()
+    assert (strong["paper_asymmetry"] == "negative").all()
 
 
 def test_delta_sweep_pools_teacher_seeds():

@@ -192,7 +192,7 @@ def test_fmkd_gets_verdicts_against_siddo_and_fmrc():
     assert fmkd.verdict == "supported" and fmkd.n_significant == 4
     assert [c.control for c in fmkd.comparisons] == ["siddo", "fmrc"]
     assert fmkd.verdict_controls == ("siddo", "fmrc") and math.isnan(fmkd.temperature)
-    assert fmkd.asymmetry.label != "undetermined"
+    assert fmkd.paper_asymmetry.label != "undetermined"
     assert settings["kd"].verdict == "not_supported"
     assert [c.control for c in settings["kd"].comparisons] == ["siddo"]  # FMRC is not KD's
     frame_ = analyse(runs).verdicts_frame()

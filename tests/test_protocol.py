@@ -134,3 +134,37 @@ def test_smoke_shrinks_grid_and_steps(tiny_config):
     assert set(small.protocol.conditions) == set(cfg.protocol.conditions)
     with pytest.raises(AssertionError):
         assert expand(small) == expand(cfg)
+
+
+def test_disdo_starts_from_its_own_init_and_follows_the_teachers_data_order(tiny_config, tmp_path):
+    """DISDO (PROTOCOL section 10): initialised from the student seed, trained on the
+    teacher's minibatch order; checked on the indices the loop actually used."""
+    cfg = load_config(tiny_config, ["protocol.conditions=[siddo, kd, disdo]"])
+    grid = expand(cfg)
+    (teacher,) = grid.teachers
+    disdo = [s for s in grid.students if s.condition == "disdo"]
+    assert [s.student_seed for s in disdo] == [10, 11]
+    assert all(s.init_seed == s.student_seed and s.data_seed == teacher.data_seed for s in disdo)
+    others = [s for s in grid.students if s.condition != "disdo"]
+    assert all(s.init_seed == teacher.init_seed and s.data_seed == s.student_seed for s in others)
+    data = load_data(cfg.data)
+    init = lambda spec: _state(build_model(spec.model, data.input_shape, 10, spec.init_seed))  # noqa: E731
+    assert not _same_weights(init(disdo[0]), init(teacher))
+    assert not _same_weights(init(disdo[0]), init(disdo[1]))
+    store, teachers = RunStore(tmp_path / "out"), Teachers(RunStore(tmp_path / "out"), "cpu")
+    seen: dict[str, list] = {}
+    for spec in (teacher, *disdo):
+        batches = seen.setdefault(spec.run_id, [])
+        execute(spec, data, store, teachers,
+                on_step=lambda s, idx, loss, b=batches: b.append(idx.clone()))  # fmt: skip
+    teacher_order = torch.cat(seen[teacher.run_id])
+    assert all(torch.equal(torch.cat(seen[s.run_id]), teacher_order) for s in disdo)
+
+
+def test_disdo_is_refused_outside_self_distillation(tmp_path):
+    from kdaudit.errors import ConfigError
+
+    path = write_config(tmp_path, protocol={"student_model": {"name": "mlp", "width": 8},
+                                            "conditions": ["siddo", "kd", "rcd", "disdo"]})  # fmt: skip
+    with pytest.raises(ConfigError, match="disdo is a self-distillation control"):
+        load_config(path)

@@ -37,7 +37,7 @@ def test_synthetic_verdicts(audit):
     _, _, analysis = audit
     by_alpha = {s.alpha: s for s in analysis.settings}
     assert by_alpha[0.9].verdict == "supported" and by_alpha[0.1].verdict == "not_supported"
-    assert by_alpha[0.9].asymmetry.label == "negative"
+    assert by_alpha[0.9].paper_asymmetry.label == "negative"
 
 
 def test_every_file_exists(report):
@@ -84,7 +84,8 @@ def test_verdicts_come_first(report, audit):
     html = index.read_text()
     sections = re.findall(r'<section id="([^"]+)"', html)
     # the synthetic audit has LS and RCD runs: their comparison comes before the notes
-    expected = ["verdicts", "teachers", "summary", "significance", "asymmetry", "ls_vs_rcd"]
+    expected = ["verdicts", "teachers", "summary", "significance", "matrix", "asymmetry"]
+    expected += ["ls_vs_rcd"]
     assert sections == [*expected, "notes"]
     lines = verdict_lines(audit[2])
     assert len(lines) == 2
@@ -92,7 +93,14 @@ def test_verdicts_come_first(report, audit):
     for line in lines:
         escaped = line.replace("'", "&#x27;")
         assert escaped in html and html.index(escaped) < first_table
-    assert "transfer supported" in lines[1] and "negative asymmetric" in lines[1]
+    setting = audit[2].settings[1]
+    assert "transfer supported" in lines[1]
+    assert "the paper's single-baseline label: negative" in lines[1]
+    if setting.asymmetry == "baseline-dependent":
+        assert f"depends on the baseline: {setting.asymmetry_why}" in lines[1]
+    else:
+        assert setting.asymmetry == "negative"
+        assert "the student copied the teacher's mistakes" in lines[1]
     assert "n=10" in lines[1] and lines[1].startswith("Teacher seed 0, KD alpha=0.9, T=1:")
 
 
@@ -142,3 +150,38 @@ def test_renders_in_chromium(report, tmp_path):
     assert page.first_section == "verdicts"
     assert "transfer supported" in page.text
     assert screenshot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_summary_json_robust_view_interface(tmp_path):
+    """The exact names other code reads: settings[] with paper_asymmetry, asymmetry and
+    asymmetry_matrix; tests[]; pooled[] over teacher seeds; the matrix CSVs."""
+    runs = synthetic_runs(teacher_seeds=(0, 1))
+    analysis = analyse(runs)
+    out = tmp_path / "report"
+    write_report(out, runs, synthetic_teachers((0, 1)), analysis, title="two teachers")
+    data = json.loads((out / "summary.json").read_text())
+    cell_keys = {"control", "scale", "n", "delta_correct", "delta_incorrect", "delta_correct_ci",
+                 "delta_incorrect_ci", "p_negative", "p_positive", "label"}  # fmt: skip
+    robust = {"negative", "positive", "symmetric", "baseline-dependent", "undetermined"}
+    for row, setting in zip(data["settings"], analysis.settings, strict=True):
+        assert row["asymmetry"] == setting.asymmetry and row["asymmetry"] in robust
+        assert row["paper_asymmetry"] == setting.paper_asymmetry.label
+        cells = row["asymmetry_matrix"]
+        assert {(c["control"], c["scale"]) for c in cells} >= {
+            (c, s) for c in ("siddo", "rcd") for s in ("raw", "headroom")}  # fmt: skip
+        for c in cells:
+            assert cell_keys <= set(c) and len(c["delta_correct_ci"]) == 2
+            assert c["label"] in {"negative", "positive", "symmetric", "undetermined"}
+    test_keys = {"teacher_seed", "condition", "alpha", "temperature", "width", "control",
+                 "metric", "n", "statistic", "p", "p_adjusted", "significant", "effect_size",
+                 "estimate", "ci_low", "ci_high"}  # fmt: skip
+    assert data["tests"] and all(test_keys <= set(t) for t in data["tests"])
+    assert len(data["tests"]) == len(analysis.tests_frame())
+    assert len(data["pooled"]) == 2  # alpha 0.1 and 0.9, each over two teacher seeds
+    for row in data["pooled"]:
+        assert row["n_teachers"] == 2 and sum(row["verdicts"].values()) == 2
+        assert row["asymmetry"] in robust and row["asymmetry_matrix"]
+    matrix = (out / "tables" / "asymmetry_matrix.csv").read_text().splitlines()
+    assert len(matrix) == 1 + sum(len(s.matrix) for s in analysis.settings)
+    assert (out / "tables" / "asymmetry_matrix_pooled.csv").is_file()
+    assert (out / "figures" / "asymmetry_matrix.png").read_bytes().startswith(PNG_MAGIC)

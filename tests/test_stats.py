@@ -374,12 +374,12 @@ def test_best_control_by_accuracy_and_exclusion():
         rcd=dict(BASE, accuracy=0.92),
         ls_values=dict(BASE, accuracy=0.91),
     )
-    assert only(analyse(runs)).asymmetry.best_control == "rcd"
+    assert only(analyse(runs)).paper_asymmetry.best_control == "rcd"
     excluded = only(analyse(runs, AnalysisOptions(exclude_controls=("rcd",))))
-    assert excluded.asymmetry.best_control == "ls"
+    assert excluded.paper_asymmetry.best_control == "ls"
     assert excluded.comparison("rcd") is not None  # still tested, just not the baseline
     none_left = AnalysisOptions(exclude_controls=("rcd", "ls", "siddo"))
-    a = only(analyse(runs, none_left)).asymmetry
+    a = only(analyse(runs, none_left)).paper_asymmetry
     assert a.label == "undetermined" and a.test is None and a.n == 0
 
 
@@ -391,13 +391,13 @@ def test_best_control_by_agreement_per_bucket():
         rcd=dict(BASE, correct_agreement=0.86, incorrect_agreement=0.31, accuracy=0.95),
         ls_values=dict(BASE, correct_agreement=0.87, incorrect_agreement=0.33),
     )
-    a = only(analyse(runs, AnalysisOptions(baseline="agreement"))).asymmetry
+    a = only(analyse(runs, AnalysisOptions(baseline="agreement"))).paper_asymmetry
     assert (a.baseline_correct, a.baseline_incorrect) == ("siddo", "ls")
     assert a.best_control == "correct:siddo/incorrect:ls"
     kd = values(ALL_FUNCTIONAL)
     assert a.delta_correct == pytest.approx(np.mean(kd["correct_agreement"] - 0.88))
     assert a.delta_incorrect == pytest.approx(np.mean(kd["incorrect_agreement"] - 0.33))
-    assert only(analyse(runs)).asymmetry.best_control == "rcd"  # accuracy mode
+    assert only(analyse(runs)).paper_asymmetry.best_control == "rcd"  # accuracy mode
 
 
 @pytest.mark.parametrize(
@@ -409,13 +409,13 @@ def test_best_control_by_agreement_per_bucket():
     ],
 )
 def test_asymmetry_labels(shift, label):
-    a = only(analyse(asym_runs(shift))).asymmetry
+    a = only(analyse(asym_runs(shift))).paper_asymmetry
     assert a.label == label and a.n == 10 and a.best_control == "siddo"
 
 
 def test_asymmetry_test_and_deltas():
     runs = asym_runs(dict(correct_agreement=0.01, incorrect_agreement=0.08))
-    a = only(analyse(runs)).asymmetry
+    a = only(analyse(runs)).paper_asymmetry
     kd = values(ALL_FUNCTIONAL, shift=dict(correct_agreement=0.01, incorrect_agreement=0.08))
     d_c = kd["correct_agreement"] - BASE["correct_agreement"]
     d_i = kd["incorrect_agreement"] - BASE["incorrect_agreement"]
@@ -433,7 +433,7 @@ def test_asymmetry_identical_deltas_is_all_zero():
     kd = values(ALL_FUNCTIONAL)
     kd["correct_agreement"] = kd["incorrect_agreement"] = 0.5 + 0.01 + NOISE
     runs = frame(controls(siddo=same, rcd=same), rows("kd", 0.5, 1.0, kd))
-    a = only(analyse(runs)).asymmetry
+    a = only(analyse(runs)).paper_asymmetry
     assert a.test.all_zero and math.isnan(a.pvalue) and a.label == "symmetric"
 
 
@@ -455,11 +455,14 @@ def test_frames_have_the_documented_columns():
         "verdict",
         "n_significant",
         "relative_improvement",
-        "asymmetry",
+        "asymmetry",  # the robust label
+        "paper_asymmetry",
         "delta_correct",
         "delta_incorrect",
         "best_control",
         "asymmetry_p",
+        "seeds_needed",
+        "asymmetry_why",
         "note",
     ]
     assert list(v.columns) == expected

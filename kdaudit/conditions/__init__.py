@@ -56,6 +56,16 @@ class Condition:
     long_name: str = ""  # in sentences and titles ("Label smoothing")
     equals_note: str = ""  # what the comparison with `equals` is, for the report
     loss: str | None = None  # your own KD loss ('package.module:function'), for loss_condition
+    # a control that changes the protocol's pairing on purpose (DISDO): its initial weights
+    # seeded by the student seed ("student"; "" : the protocol's rule), its data order the
+    # teacher's ("teacher") or the student seed's ("student"); self-distillation only if set
+    init_from: str = ""
+    data_order_from: str = "student"
+    self_distillation_only: bool = False
+    # a remedy: a treatment that changes another (KD) to refuse the teacher's mistakes; it
+    # is tested against that treatment too (shown beside it) and set beside it in
+    # tables/remedies.csv
+    remedy_of: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -150,7 +160,7 @@ def loss_condition(cfg: LossConditionConfig) -> Condition:
     loss is an error."""
     entry = Condition(
         cfg.name, "treatment", f"{_OBJECTIVES}:loss_objective", params=("alpha", "temperature"),
-        controls=tuple(cfg.controls), needs_teacher=True, display=cfg.display, order=50,
+        controls=tuple(cfg.controls), shown_beside=_beside(cfg.controls), needs_teacher=True, display=cfg.display, order=50,
         note=f"{cfg.display or cfg.name.upper()}: your own KD loss {cfg.factory}, trained on "
         "the same paired seeds and batches as KD and tested against the same controls.",
         loss=cfg.factory,
@@ -168,6 +178,11 @@ def loss_condition(cfg: LossConditionConfig) -> Condition:
         raise ConfigError(f"protocol.conditions: {cfg.name}: unknown control {unknown[0]!r}; "
                           f"controls: {', '.join(controls)}")  # fmt: skip
     return CONDITIONS.add(entry)
+
+
+def _beside(controls) -> tuple[str, ...]:
+    """The controls shown beside your own loss: KD's, less those its verdict needs."""
+    return tuple(c for c in ("ls", "disdo") if c not in controls)
 
 
 def parse_entry(raw: Any, key: str = "protocol.conditions") -> str | LossConditionConfig:
@@ -205,19 +220,42 @@ def _add(name: str, role: str, objective: str, **facts: Any) -> None:
 _add("teacher", "teacher", "cross_entropy", display="Teacher", order=0)
 _add("siddo", "control", "cross_entropy", display="SIDDO", order=1)
 _add("kd", "treatment", "kd", params=("alpha", "temperature"), controls=("siddo", "rcd"),
-     shown_beside=("ls",), needs_teacher=True, display="KD", order=2,
+     shown_beside=("ls", "disdo"), needs_teacher=True, display="KD", order=2,
      note="Supported transfer: a strict majority of the functional metrics significant against "
-     "both SIDDO and RCD (at the same alpha and T); LS is tested and shown but not used in the "
-     "verdict.")  # fmt: skip
+     "both SIDDO and RCD (at the same alpha and T); LS and DISDO are tested and shown but not "
+     "used in the verdict.")  # fmt: skip
 _add("rcd", "control", "rcd", params=("alpha", "temperature"), display="RCD", order=3)
 _add("ls", "control", "ls", params=("alpha",), display="LS", order=4, equals="rcd",
      equals_at=(("temperature", 1.0),), long_name="Label smoothing",
      equals_note="Label smoothing at ε = α against RCD at the same α and T = 1 (equal losses "
      "up to a constant)")  # fmt: skip
+_add("disdo", "control", "cross_entropy", display="DISDO", order=5, init_from="student",
+     data_order_from="teacher", self_distillation_only=True,
+     long_name="Different initialisation, same data order",
+     note="DISDO (different initialisation, same data order as the teacher): an independent "
+     "model that shares the teacher's minibatch order, seeded by the student seed; "
+     "self-distillation only.")  # fmt: skip
+_REMEDY = dict(
+    params=("alpha", "temperature"),
+    controls=("siddo", "rcd"),
+    shown_beside=("ls", "disdo", "kd"),
+    needs_teacher=True,
+    remedy_of="kd",
+)
+_add("kd_masked", "treatment", "kd_masked", display="KD-masked", order=8, **_REMEDY,
+     note="KD-masked: the KD term only on training examples the teacher classifies "
+     "correctly, CE alone on the others; tested against SIDDO and RCD like KD, and against KD "
+     "at the same alpha and T.")  # fmt: skip
+_add("kd_confidence", "treatment", "kd_confidence", display="KD-confidence", order=9,
+     **_REMEDY, note="KD-confidence: each example's KD term weighted by the teacher's "
+     "probability of its true label; tested like KD-masked.")  # fmt: skip
+_add("kd_corrected", "treatment", "kd_corrected", display="KD-corrected", order=10,
+     **_REMEDY, note="KD-corrected: where the teacher is wrong, the mass of its wrong top-1 "
+     "class is moved to the true label before distilling; tested like KD-masked.")  # fmt: skip
 _add("fmkd", "treatment", "kdaudit.conditions.features:fmkd", params=("alpha",), controls=("siddo", "fmrc"),
-     needs_teacher=True, features=True, display="FMKD", order=5,
+     needs_teacher=True, features=True, display="FMKD", order=6,
      note="Feature-map matching (FMKD): supported when a strict majority of the functional "
      "metrics are significant against both SIDDO and FMRC (the same loss with a fixed random "
      "target of the teacher feature's shape and standard deviation, at the same alpha).")  # fmt: skip
 _add("fmrc", "control", "kdaudit.conditions.features:fmrc", params=("alpha",), needs_teacher=True, features=True,
-     display="FMRC", order=6)  # fmt: skip
+     display="FMRC", order=7)  # fmt: skip

@@ -112,6 +112,78 @@ def ls(condition, alpha, temperature, num_classes, teacher, student) -> Objectiv
     return objective
 
 
+# ---------------------------------------------------------------- remedies
+# KD changed to refuse the teacher's mistakes (PROTOCOL section 10). Each keeps KD's form,
+# (1 - alpha) CE + alpha (...), so alpha = 0 trains exactly the SIDDO model, and reads the
+# teacher's logits for the same batch. "Wrong" is the teacher's top-1 class != the label.
+
+
+def kd_masked(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
+    """The KD term only on the examples the teacher classifies correctly; on the others CE
+    alone: per example (1 - alpha) CE + alpha T^2 KL where the teacher is right, CE where it
+    is wrong (written as (1 - alpha) CE + alpha (CE_wrong + T^2 KL_right), batch means)."""
+
+    def objective(logits, batch):
+        z_t = teacher(batch).to(logits.dtype)
+        right = (z_t.argmax(-1) == batch.y).to(logits.dtype)
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        target = F.log_softmax(z_t / temperature, dim=-1)
+        kl = F.kl_div(log_q, target, reduction="none", log_target=True).sum(-1)
+        ce_each = F.cross_entropy(logits, batch.y, reduction="none")
+        ce = F.cross_entropy(logits, batch.y)
+        n = logits.shape[0]
+        rest = ((1 - right) * ce_each).sum() / n + temperature**2 * (right * kl).sum() / n
+        return (1.0 - alpha) * ce + alpha * rest
+
+    return objective
+
+
+def kd_confidence(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
+    """The KD term of each example weighted by the teacher's probability of its true label
+    (softmax at T = 1, no gradient): confident right predictions count fully, mistakes little."""
+
+    def objective(logits, batch):
+        z_t = teacher(batch).to(logits.dtype)
+        weight = F.softmax(z_t, dim=-1).gather(-1, batch.y[:, None]).squeeze(-1).detach()
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        target = F.log_softmax(z_t / temperature, dim=-1)
+        kl = F.kl_div(log_q, target, reduction="none", log_target=True).sum(-1)
+        ce = F.cross_entropy(logits, batch.y)
+        return (1.0 - alpha) * ce + alpha * temperature**2 * (weight * kl).sum() / logits.shape[0]
+
+    return objective
+
+
+def kd_corrected(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
+    """KD toward a rectified target: where the teacher is wrong, the mass of its (wrong)
+    top-1 class is moved to the true label; elsewhere the teacher's softened distribution."""
+
+    def objective(logits, batch):
+        z_t = teacher(batch).to(logits.dtype)
+        return distillation_loss_probs(logits, batch.y, corrected_target(z_t, batch.y,
+                                       temperature), alpha, temperature)  # fmt: skip
+
+    return objective
+
+
+def corrected_target(z_t: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(z_t / T) with, on rows whose argmax a != y, p[y] += p[a] and p[a] = 0."""
+    p = F.softmax(z_t / temperature, dim=-1)
+    top = p.argmax(-1, keepdim=True)  # (B, 1)
+    wrong = top != y[:, None]
+    top_mass = p.gather(-1, top)
+    p = p.scatter_add(-1, y[:, None], top_mass * wrong)
+    return p.scatter(-1, top, torch.where(wrong, torch.zeros_like(top_mass), top_mass))
+
+
+def distillation_loss_probs(logits, labels, target_probs, alpha, temperature) -> torch.Tensor:
+    """distillation_loss with the target given as probabilities (zeros allowed: 0 log 0 = 0)."""
+    ce = F.cross_entropy(logits, labels)
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    kl = F.kl_div(log_q, target_probs, reduction="batchmean", log_target=False)
+    return (1.0 - alpha) * ce + alpha * temperature**2 * kl
+
+
 # ---------------------------------------------------------------- your own KD loss
 
 LossFunction = Callable[..., torch.Tensor]  # (z_s (B, K), z_t (B, K), y (B,), alpha, T) -> loss

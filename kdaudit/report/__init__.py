@@ -36,10 +36,15 @@ from kdaudit.stats import (
     summarise,
     targeted_summary,
 )
+from kdaudit.stats.copied import copied_class_pairs, copied_errors
+from kdaudit.stats.remedies import remedies_frame
 
 __all__ = ["verdict_lines", "write_report"]
 
+COPIED_ROWS = 10  # rows of each copied-mistakes table shown in the page
+
 DELTA_FIGURE = "figures/agreement_deltas.png"
+MATRIX_FIGURE = "figures/asymmetry_matrix.png"
 # grid axis -> (file stem of its figure and table, section title)
 SWEEPS = {
     "temperature": ("temperature", "Temperature: agreement deltas against T"),
@@ -54,12 +59,16 @@ class _Content:
     counts: dict[tuple, int]  # runs per (teacher seed, condition key)
     summary_tables: tuple[Table, ...]
     deltas_png: bytes
+    matrix_png: bytes  # the asymmetry matrix, on the first screen
     sweep: pd.DataFrame  # stats.delta_sweep: deltas per (alpha, T, width)
     sweep_pngs: dict[str, bytes]  # axis -> figure, for the axes that vary
     # condition -> stats.equivalence_differences with the condition it equals (LS and RCD),
     # for those with runs of both
     equal: dict[str, pd.DataFrame]
     targeted: pd.DataFrame | None  # stats.targeted_summary, when counts were given
+    copied: pd.DataFrame | None  # stats.copied.copied_errors, when the test labels were known
+    copied_pairs: pd.DataFrame | None  # stats.copied.copied_class_pairs
+    remedies: pd.DataFrame  # stats.remedies.remedies_frame (empty: no remedy in the grid)
     transfer: pd.DataFrame  # each teacher's train loss beside its KD transfer
 
 
@@ -73,19 +82,22 @@ def write_report(
     meta: dict | None = None,
     targeted: pd.DataFrame | None = None,
     regimes: pd.DataFrame | None = None,
+    copied: pd.DataFrame | None = None,
 ) -> Path:
     """Write the report files into out_dir; returns the path of index.html.
     `targeted`: prompt-completion counts per run (results.targeted_counts), or None.
     `regimes`: the teacher-transfer rows of this audit and of audits set beside it (columns
-    audit, teacher_training, then tables.TEACHER_TRANSFER_COLUMNS), or None for this one."""
+    audit, teacher_training, then tables.TEACHER_TRANSFER_COLUMNS), or None for this one.
+    `copied`: which teacher mistakes each condition copied (kdaudit.store.copied), or None."""
     out = Path(out_dir)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
-    content = _content(runs, teachers, analysis, targeted)
+    content = _content(runs, teachers, analysis, targeted, copied)
     if regimes is not None:
         content = replace(content, transfer=regimes)
     _write_tables(out / "tables", content, analysis)
     (out / DELTA_FIGURE).write_bytes(content.deltas_png)
+    (out / MATRIX_FIGURE).write_bytes(content.matrix_png)
     for axis, png in content.sweep_pngs.items():
         (out / f"figures/{SWEEPS[axis][0]}.png").write_bytes(png)
     sections = _sections(content, analysis, meta or {})
@@ -100,21 +112,26 @@ def write_report(
     return index
 
 
-def _content(runs, teachers, analysis: Analysis, targeted: pd.DataFrame | None) -> _Content:
+def _content(runs, teachers, analysis: Analysis, targeted, copied) -> _Content:
     summary = summarise(runs)
     counts = tables.run_counts(runs)
     groups = tables.table_groups(summary)
     sweep = delta_sweep(analysis)
+    errors = None if copied is None else copied_errors(copied)
     return _Content(
         teachers=tables.teachers_frame(teachers, runs),
         summary=summary,
         counts=counts,
         summary_tables=tuple(tables.summary_table(summary, counts, s, w) for s, w in groups),
         deltas_png=figures.agreement_deltas(analysis),
+        matrix_png=figures.asymmetry_matrix(analysis),
         sweep=sweep,
         sweep_pngs={axis: figures.delta_curves(sweep, axis) for axis in _swept(sweep)},
         equal=_equivalences(runs),
         targeted=None if targeted is None else targeted_summary(targeted),
+        copied=errors,
+        copied_pairs=None if errors is None else copied_class_pairs(errors),
+        remedies=remedies_frame(runs, analysis),
         transfer=tables.teacher_transfer_frame(tables.teachers_frame(teachers, runs), analysis),
     )
 
@@ -144,12 +161,20 @@ def _write_tables(folder: Path, content: _Content, analysis: Analysis) -> None:
         "significance": analysis.tests_frame(),
         "verdicts": analysis.verdicts_frame(),
         "asymmetry": analysis.asymmetry_frame(),
+        "asymmetry_matrix": analysis.matrix_frame(),
         "teacher_transfer": content.transfer,
     }
+    if analysis.pooled:
+        raw["asymmetry_matrix_pooled"] = analysis.matrix_frame(pooled=True)
     raw.update({SWEEPS[axis][0]: content.sweep for axis in content.sweep_pngs})
     raw.update({_equal_stem(name): frame for name, frame in content.equal.items()})
     if content.targeted is not None:
         raw["targeted_transfer"] = content.targeted
+    if not content.remedies.empty:
+        raw["remedies"] = content.remedies
+    if content.copied is not None:
+        raw["copied_errors"] = content.copied
+        raw["copied_class_pairs"] = content.copied_pairs
     for name, frame in raw.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     formatted = {
@@ -165,14 +190,17 @@ def _write_tables(folder: Path, content: _Content, analysis: Analysis) -> None:
 
 def _sections(content: _Content, analysis: Analysis, meta: dict) -> list[Section]:
     return [
-        _verdict_section(analysis),
+        _verdict_section(analysis, content.matrix_png),
         _teachers_section(content, analysis),
         Section("summary", "Mean ± SEM per teacher seed", content.summary_tables),
         _significance_section(analysis),
+        _matrix_section(analysis),
+        *([_remedies_section(content.remedies)] if not content.remedies.empty else []),
         _asymmetry_section(analysis, content.deltas_png),
         *(_sweep_section(content, axis) for axis in content.sweep_pngs),
         *(_equivalence_section(name, frame) for name, frame in content.equal.items()),
         *([_targeted_section(content.targeted, analysis)] if content.targeted is not None else []),
+        *([_copied_section(content)] if content.copied is not None else []),
         _notes_section(content, analysis, meta),
     ]
 
@@ -198,6 +226,32 @@ def _targeted_section(frame: pd.DataFrame, analysis: Analysis) -> Section:
     return Section("targeted", "Targeted error transfer", (note, table))
 
 
+def _remedies_section(frame: pd.DataFrame) -> Section:
+    note = Paragraph(
+        "Each remedy beside the treatment it changes, at the same setting and on the same "
+        "paired seeds: its verdict and robust asymmetry label, how many of its verdict "
+        "controls' matrix cells (SIDDO and RCD, raw and headroom) are negative, its accuracy "
+        "against KD (Hodges-Lehmann estimate with its exact 95% interval, one-sided paired "
+        "Wilcoxon p each way), and the agreement it gained over KD on the teacher's correct "
+        "and incorrect test examples (below zero on the incorrect: fewer mistakes copied)."
+    )
+    return Section("remedies", "Remedies beside KD", (note, tables.remedies_table(frame)))
+
+
+def _copied_section(content: _Content) -> Section:
+    note = Paragraph(
+        "The teacher's wrong test predictions that the treatment's students copied most often "
+        "compared with the controls: per example, the share of each condition's runs (one per "
+        "student seed) that predicted the teacher's wrong class; excess = the highest "
+        "treatment rate minus the highest control rate. Then the same per class pair (true "
+        "class → the teacher's wrong class), averaged over its examples. All rows: "
+        "tables/copied_errors.csv, tables/copied_class_pairs.csv."
+    )
+    blocks = (note, tables.copied_table(content.copied, "copied_errors", COPIED_ROWS),
+              tables.copied_table(content.copied_pairs, "copied_class_pairs", COPIED_ROWS))  # fmt: skip
+    return Section("copied", "Which mistakes were copied", blocks)
+
+
 def _equivalence_section(name: str, frame: pd.DataFrame) -> Section:
     entry = CONDITIONS.get(name)
     blocks = (Paragraph(equivalence_sentence(frame, name)), tables.equivalence_table(frame, name))
@@ -211,15 +265,32 @@ def _teachers_section(content: _Content, analysis: Analysis) -> Section:
     return Section("teachers", "Teachers", blocks)
 
 
-def _verdict_section(analysis: Analysis) -> Section:
+def _verdict_section(analysis: Analysis, matrix_png: bytes) -> Section:
     if not analysis.settings:
         return Section("verdicts", "Verdicts", (Paragraph("No KD settings in the runs."),))
-    classes = tuple(s.verdict for s in analysis.settings)
-    blocks = (
-        Bullets(tuple(verdict_lines(analysis)), classes=classes),
-        Details("Verdicts as a table", (tables.verdicts_table(analysis),)),
+    classes = tuple(s.verdict for s in (*analysis.settings, *analysis.pooled))
+    caption = (
+        "The asymmetry matrix: Δincorrect against Δcorrect (agreement gained over each control "
+        "on the teacher's wrong and right test examples) with 95% intervals, raw and on the "
+        "headroom scale. Above the dashed diagonal the student gained more on the teacher's "
+        "mistakes."
     )
-    return Section("verdicts", "Verdicts", blocks)
+    blocks = [
+        Bullets(tuple(verdict_lines(analysis)), classes=classes),
+        tables.headline_table(analysis),
+        Figure(MATRIX_FIGURE, caption, matrix_png),
+        Details("Verdicts as a table", (tables.verdicts_table(analysis),)),
+    ]
+    if analysis.pooled:
+        blocks.append(tables.pooled_table(analysis))
+    return Section("verdicts", "Verdicts", tuple(blocks))
+
+
+def _matrix_section(analysis: Analysis) -> Section:
+    blocks = [tables.matrix_table(analysis)]
+    if analysis.pooled:
+        blocks.append(tables.matrix_table(analysis, pooled=True))
+    return Section("matrix", "Asymmetry against every control, raw and headroom", tuple(blocks))
 
 
 def _significance_section(analysis: Analysis) -> Section:

@@ -41,8 +41,8 @@ def _panel(ax, settings: list[SettingResult], seed: int) -> None:
     x = np.arange(len(settings))
     width = 0.38
     for offset, bucket in ((-width / 2, "correct"), (width / 2, "incorrect")):
-        means = [getattr(s.asymmetry, f"delta_{bucket}") for s in settings]
-        sems = [getattr(s.asymmetry, f"sem_{bucket}") for s in settings]
+        means = [getattr(s.paper_asymmetry, f"delta_{bucket}") for s in settings]
+        sems = [getattr(s.paper_asymmetry, f"sem_{bucket}") for s in settings]
         ax.bar(x + offset, means, width, yerr=np.nan_to_num(sems), capsize=3,
                color=COLORS[bucket], label=f"Δ{bucket}")  # fmt: skip
     ax.axhline(0.0, color="0.3", linewidth=0.8)
@@ -57,11 +57,84 @@ def _tick(s: SettingResult, show_t: bool, show_condition: bool = False) -> str:
     label += f"α={s.alpha:g}"
     label += f"\nT={s.temperature:g}" if show_t and not fmt.is_missing(s.temperature) else ""
     label += "" if fmt.is_missing(s.width) else f"\nw={s.width:g}"
-    a = s.asymmetry
+    a = s.paper_asymmetry
     baseline = a.baseline_correct
     if a.baseline_incorrect != a.baseline_correct:
         baseline = f"{a.baseline_correct}/\n{a.baseline_incorrect}"
     return f"{label}\nB={baseline or fmt.MISSING}"
+
+
+CONTROL_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860", "#da8bc3")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def asymmetry_matrix(analysis: Analysis) -> bytes:
+    """Δincorrect against Δcorrect for every control (colour) and treatment setting (marker),
+    with their 95% intervals: one row per teacher seed (and one pooled), one column per scale.
+    Above the diagonal the treatment gained more agreement on the teacher's mistakes."""
+    rows = _matrix_rows(analysis)
+    fig = Figure(figsize=(8.0, 0.6 + 3.1 * max(1, len(rows))), dpi=DPI, layout="constrained")
+    axes = fig.subplots(max(1, len(rows)), 2, squeeze=False)
+    if not rows:
+        for ax in axes[0]:
+            ax.text(0.5, 0.5, "no treatment settings", ha="center", va="center")
+            ax.set_axis_off()
+        return _png(fig)
+    controls = list(dict.fromkeys(c.control for _, ss in rows for s in ss for c in s.matrix))
+    for (title, settings), row in zip(rows, axes, strict=True):
+        for ax, scale in zip(row, ("raw", "headroom"), strict=True):
+            _matrix_panel(ax, settings, scale, controls)
+            ax.set_title(f"{title}: {scale}", fontsize=9.5)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 5),
+               frameon=False, fontsize=8)  # fmt: skip
+    return _png(fig)
+
+
+def _matrix_rows(analysis: Analysis) -> list[tuple[str, list[SettingResult]]]:
+    seeds = sorted({s.teacher_seed for s in analysis.settings})
+    rows = [(f"teacher seed {t}", [s for s in analysis.settings if s.teacher_seed == t])
+            for t in seeds]  # fmt: skip
+    if analysis.pooled:
+        rows.append(("teacher seeds pooled", list(analysis.pooled)))
+    return rows
+
+
+def _matrix_panel(ax, settings: list[SettingResult], scale: str, controls: list[str]) -> None:
+    show_t = len({s.temperature for s in settings if not fmt.is_missing(s.temperature)}) > 1
+    lo, hi = np.inf, -np.inf
+    for i, s in enumerate(settings):
+        for cell in s.matrix:
+            if cell.scale != scale or fmt.is_missing(cell.delta_correct):
+                continue
+            x, y = cell.delta_correct, cell.delta_incorrect
+            xerr = _err(x, cell.delta_correct_ci)
+            yerr = _err(y, cell.delta_incorrect_ci)
+            color = CONTROL_COLORS[controls.index(cell.control) % len(CONTROL_COLORS)]
+            label = f"vs {fmt.control_name(cell.control)}" if i == 0 else None
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=MARKERS[i % len(MARKERS)], color=color,
+                        markersize=5, capsize=2, linewidth=0.9, label=label)  # fmt: skip
+            ax.annotate(_tick(s, show_t).split("\nB=")[0].replace("\n", " "), (x, y),
+                        fontsize=6.5, xytext=(4, 3), textcoords="offset points")  # fmt: skip
+            lo, hi = min(lo, x, y), max(hi, x, y)
+    if np.isfinite(lo):
+        pad = 0.08 * (hi - lo or 1.0)
+        line = np.array([lo - pad, hi + pad])
+        ax.plot(line, line, color="0.4", linewidth=0.8, linestyle="--")
+        ax.fill_between(line, line, line[-1] + pad, color="#c8553d", alpha=0.06, linewidth=0)
+    ax.axhline(0.0, color="0.7", linewidth=0.6)
+    ax.axvline(0.0, color="0.7", linewidth=0.6)
+    ax.set_xlabel("Δcorrect", fontsize=8.5)
+    ax.set_ylabel("Δincorrect", fontsize=8.5)
+    ax.tick_params(labelsize=7.5)
+    ax.grid(alpha=0.25)
+
+
+def _err(x: float, interval) -> list[list[float]] | None:
+    low, high = interval
+    if fmt.is_missing(low) or fmt.is_missing(high):
+        return None
+    return [[max(0.0, x - low)], [max(0.0, high - x)]]
 
 
 def _png(fig: Figure) -> bytes:

@@ -25,6 +25,7 @@ ul.verdicts li { margin: 8px 0; padding: 8px 12px; border-left: 5px solid var(--
                  background: var(--bg-alt); border-radius: 3px; }
 ul.verdicts li.supported { border-left-color: var(--ok); }
 ul.verdicts li.marginal { border-left-color: var(--warn); }
+ul.verdicts li.insufficient_n { border-left-color: #9aa0a6; border-left-style: dashed; }
 .scroll { overflow-x: auto; margin: 6px 0 14px; }
 table { border-collapse: collapse; font-size: 0.86em; font-variant-numeric: tabular-nums; }
 caption { caption-side: top; text-align: left; color: var(--muted); padding: 0 0 4px; }

@@ -10,11 +10,18 @@ import numpy as np
 import pandas as pd
 
 from kdaudit import __version__
-from kdaudit.stats import SETTING_KEYS, Analysis
+from kdaudit.stats import SETTING_KEYS, Analysis, SettingResult
 
-SETTING_FIELDS = [*SETTING_KEYS, "verdict", "asymmetry", "delta_correct", "delta_incorrect"]
-SETTING_FIELDS += ["best_control", "n", "n_significant", "relative_improvement", "asymmetry_p"]
-SETTING_FIELDS += ["note"]
+SETTING_FIELDS = [*SETTING_KEYS, "verdict", "asymmetry", "paper_asymmetry", "delta_correct"]
+SETTING_FIELDS += ["delta_incorrect", "best_control", "n", "n_significant"]
+SETTING_FIELDS += ["relative_improvement", "asymmetry_p", "seeds_needed", "asymmetry_why", "note"]
+# summary.json's `tests`: one object per paired test (estimate and interval: treatment - control)
+TEST_FIELDS = {"teacher_seed": "teacher_seed", "condition": "condition", "alpha": "alpha",
+               "temperature": "temperature", "width": "width", "control": "control",
+               "metric": "metric", "n": "n", "statistic": "statistic", "pvalue": "p",
+               "p_adjusted": "p_adjusted", "significant": "significant",
+               "effect_size": "effect_size", "estimate": "estimate", "ci_low": "ci_low",
+               "ci_high": "ci_high", "seeds_needed": "seeds_needed"}  # fmt: skip
 
 
 def summary_json(
@@ -25,18 +32,33 @@ def summary_json(
     title: str,
     meta: dict | None,
 ) -> str:
+    tests = analysis.tests_frame()[list(TEST_FIELDS)].rename(columns=TEST_FIELDS)
     data = {
         "title": title,
         "kdaudit_version": __version__,
         "meta": meta or {},
         "options": asdict(analysis.options),
-        "settings": analysis.verdicts_frame()[SETTING_FIELDS].to_dict(orient="records"),
+        "settings": [_setting(s) for s in analysis.settings],
+        "pooled": [_pooled(s) for s in analysis.pooled],
+        "tests": tests.to_dict(orient="records"),
         "conditions": _conditions(summary, counts),
         "teachers": teachers.to_dict(orient="records"),
     }
     return (
         json.dumps(_clean(data), indent=2, allow_nan=False, ensure_ascii=False, default=str) + "\n"
     )
+
+
+def _setting(s: SettingResult) -> dict:
+    row = s.to_frame()[SETTING_FIELDS].to_dict(orient="records")[0]
+    return {**row, "asymmetry_matrix": [c.to_dict() for c in s.matrix]}
+
+
+def _pooled(s: SettingResult) -> dict:
+    keys = ("condition", "alpha", "temperature", "width", "n", "verdict", "asymmetry",
+            "asymmetry_why")  # fmt: skip
+    row = {k: v for k, v in _setting(s).items() if k in (*keys, "asymmetry_matrix")}
+    return {**row, "n_teachers": s.n_teachers, "verdicts": dict(s.teacher_verdicts or {})}
 
 
 def _conditions(summary: pd.DataFrame, counts: dict[tuple, int]) -> list[dict]:

@@ -230,16 +230,25 @@ def pvalues_table(analysis: Analysis) -> Table:
             "n nonzero": frame["n_nonzero"].map(str),
             "W+": frame["statistic"].map(fmt.num),
             "p": frame["pvalue"].map(fmt.pval),
-            "p (BH)": frame["p_adjusted"].map(lambda p: "" if fmt.is_missing(p) else fmt.pval(p)),
+            "p (FDR)": frame["p_adjusted"].map(lambda p: "" if fmt.is_missing(p) else fmt.pval(p)),
             "significant": [
                 "all zero" if z else "yes" if s else "no"
                 for z, s in zip(frame["all_zero"], frame["significant"], strict=True)
             ],
-            "mean KD": frame["mean_treatment"].map(fmt.num),
+            "effect size r": frame["effect_size"].map(lambda r: fmt.signed(r, 2)),
+            "estimate (HL) [95% CI]": [
+                f"{fmt.signed(e)} {_ci((lo, hi))}"
+                for e, lo, hi in zip(
+                    frame["estimate"], frame["ci_low"], frame["ci_high"], strict=True
+                )  # fmt: skip
+            ],
+            "mean treatment": frame["mean_treatment"].map(fmt.num),
             "mean control": frame["mean_control"].map(fmt.num),
         }
     )
-    caption = "Every test: one-sided Wilcoxon signed-rank, exact p-values"
+    caption = ("Every test: one-sided Wilcoxon signed-rank, exact p-values; effect size: "
+               "rank-biserial (+ = treatment better); estimate: Hodges-Lehmann of treatment − "
+               "control")  # fmt: skip
     return Table("pvalues", caption, text)
 
 
@@ -257,15 +266,76 @@ def verdicts_table(analysis: Analysis) -> Table:
             "verdict": frame["verdict"].str.replace("_", " "),
             "significant": frame["n_significant"].map(lambda k: f"{k}/{n_functional}"),
             "improvement over SIDDO": frame["relative_improvement"].map(fmt.pct),
-            "asymmetry": frame["asymmetry"],
-            "Δcorrect": frame["delta_correct"].map(fmt.signed),
-            "Δincorrect": frame["delta_incorrect"].map(fmt.signed),
+            "seeds needed": frame["seeds_needed"].map(_seeds),
+            "asymmetry (robust)": frame["asymmetry"],
+            "paper's label": frame["paper_asymmetry"],
+            "Δcorrect (paper)": frame["delta_correct"].map(fmt.signed),
+            "Δincorrect (paper)": frame["delta_incorrect"].map(fmt.signed),
             "baseline B": frame["best_control"],
-            "asymmetry p": frame["asymmetry_p"].map(fmt.pval),
+            "paper p": frame["asymmetry_p"].map(fmt.pval),
             "note": frame["note"],
         }
     )
     return Table("verdicts", "Verdicts per setting", text)
+
+
+def headline_table(analysis: Analysis) -> Table:
+    """Per setting: the transfer verdict, the robust asymmetry label and the paper's."""
+    rows = [[str(s.teacher_seed),
+             fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width), str(s.n),
+             s.verdict.replace("_", " "), s.asymmetry, s.paper_asymmetry.label]
+            for s in analysis.settings]  # fmt: skip
+    headers = ["teacher seed", "setting", "n", "transfer", "asymmetry (robust)",
+               "asymmetry (paper's rule)"]  # fmt: skip
+    return Table("headline", "Verdicts at a glance", pd.DataFrame(rows, columns=headers))
+
+
+def _seeds(n) -> str:
+    if fmt.is_missing(n):
+        return fmt.MISSING
+    return "∞" if math.isinf(n) else str(int(n))
+
+
+def pooled_table(analysis: Analysis) -> Table:
+    """One row per setting pooled over teacher seeds."""
+    rows = [[fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width),
+             str(s.n_teachers),
+             ", ".join(f"{n} {v.replace('_', ' ')}" for v, n in (s.teacher_verdicts or {}).items()),
+             str(s.n), s.verdict.replace("_", " "), s.asymmetry, s.asymmetry_why]
+            for s in analysis.pooled]  # fmt: skip
+    headers = ["setting", "teachers", "verdicts per teacher", "pairs", "pooled verdict",
+               "asymmetry (robust)", "cells that disagree"]  # fmt: skip
+    return Table("pooled", "Teacher seeds pooled", pd.DataFrame(rows, columns=headers))
+
+
+def matrix_table(analysis: Analysis, pooled: bool = False) -> Table:
+    """The asymmetry matrix: one row per (setting, control, scale)."""
+    rows = []
+    for s in analysis.pooled if pooled else analysis.settings:
+        seed = "pooled" if pooled else str(s.teacher_seed)
+        setting = fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width)
+        for c in s.matrix:
+            rows.append([seed, setting, fmt.control_name(c.control), c.scale, str(c.n),
+                         f"{fmt.signed(c.delta_correct)} {_ci(c.delta_correct_ci)}",
+                         f"{fmt.signed(c.delta_incorrect)} {_ci(c.delta_incorrect_ci)}",
+                         f"{fmt.signed(c.difference)} {_ci(c.difference_ci)}",
+                         fmt.pval(c.p_negative), fmt.pval(c.p_positive), c.label,
+                         c.note])  # fmt: skip
+    headers = ["teacher seed", "setting", "control", "scale", "n", "Δcorrect [95% CI]",
+               "Δincorrect [95% CI]", "Δincorrect − Δcorrect (HL) [95% CI]", "p negative",
+               "p positive", "label", "note"]  # fmt: skip
+    name = "asymmetry_matrix_pooled" if pooled else "asymmetry_matrix"
+    caption = "Asymmetry matrix" + (" (teacher seeds pooled)" if pooled else "")
+    return Table(name, caption, pd.DataFrame(rows, columns=headers))
+
+
+def _ci(interval) -> str:
+    low, high = interval
+    if fmt.is_missing(low) or fmt.is_missing(high):
+        return ""
+    if math.isinf(low) or math.isinf(high):
+        return "[unbounded]"
+    return f"[{fmt.signed(low)}, {fmt.signed(high)}]"
 
 
 def _setting_labels(frame: pd.DataFrame) -> list[str]:
@@ -276,7 +346,7 @@ def _setting_labels(frame: pd.DataFrame) -> list[str]:
 def deltas_table(analysis: Analysis) -> Table:
     rows = []
     for s in analysis.settings:
-        a = s.asymmetry
+        a = s.paper_asymmetry
         rows.append(
             [
                 str(s.teacher_seed),
@@ -427,3 +497,54 @@ def teacher_transfer_table(frame: pd.DataFrame) -> Table:
     )  # fmt: skip
     caption = "Each teacher's train loss beside the transfer it produced"
     return Table("teacher_transfer", caption, text)
+
+
+# ----------------------------------------------------------------------------- copied mistakes
+
+
+def copied_table(frame: pd.DataFrame, name: str, rows: int) -> Table:
+    """The first `rows` rows of a copied-mistakes table (stats.copied), rates as percentages."""
+    head = frame.head(rows)
+    text = pd.DataFrame(index=head.index)
+    for column in head.columns:
+        values = head[column]
+        if column in ("teacher_seed", "example", "label", "teacher_prediction", "n_examples"):
+            text[column.replace("_", " ")] = values.map(lambda v: str(int(v)))
+        elif column == "excess":
+            text["excess"] = values.map(lambda v: fmt.signed(100 * v, 3) + " pts")
+        elif column == "extra_copies":
+            text["extra copies"] = values.map(lambda v: fmt.num(v, 3))
+        else:
+            text[column.replace("_", " ")] = values.map(fmt.pct)
+    caption = ("Teacher mistakes copied most often (copy rate per condition)"
+               if name == "copied_errors" else "Class pairs (true → teacher's wrong class)")  # fmt: skip
+    return Table(name, f"{caption}: the first {len(head)} of {len(frame)}", text)
+
+
+# ----------------------------------------------------------------------------- remedies
+
+
+def remedies_table(frame: pd.DataFrame) -> Table:
+    """stats.remedies.remedies_frame, formatted."""
+    rows = []
+    for r in frame.itertuples(index=False):
+        rows.append([str(r.teacher_seed),
+                     fmt.condition_label(r.condition, r.alpha, r.temperature, True, r.width),
+                     r.verdict.replace("_", " "), r.asymmetry, _count(r.negative_cells),
+                     f"{r.of_verdict.replace('_', ' ')} / {r.of_asymmetry}",
+                     _count(r.of_negative_cells),
+                     f"{fmt.num(r.accuracy)} vs {fmt.num(r.of_accuracy)}",
+                     f"{fmt.signed(r.accuracy_difference)} {_ci((r.accuracy_low, r.accuracy_high))}",
+                     fmt.pval(r.p_less_accurate), fmt.signed(r.delta_correct_vs_of),
+                     fmt.signed(r.delta_incorrect_vs_of),
+                     "yes" if r.removed_negative_asymmetry else "no",
+                     "yes" if r.loses_accuracy else "no"])  # fmt: skip
+    headers = ["teacher seed", "remedy", "verdict", "asymmetry (robust)", "negative cells",
+               "KD: verdict / asymmetry", "KD negative cells", "accuracy vs KD",
+               "accuracy − KD (HL) [95% CI]", "p (less accurate)", "Δcorrect vs KD",
+               "Δincorrect vs KD", "removed the negative asymmetry", "loses accuracy"]  # fmt: skip
+    return Table("remedies", "Remedies beside KD", pd.DataFrame(rows, columns=headers))
+
+
+def _count(x) -> str:
+    return fmt.MISSING if fmt.is_missing(x) else str(int(x))

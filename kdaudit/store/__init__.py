@@ -347,6 +347,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_array(path: Path, array: np.ndarray) -> None:
+    """np.save into `path` in one step (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
 def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
         with open(f, "rb") as fh:

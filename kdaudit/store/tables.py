@@ -76,7 +76,7 @@ def targeted_counts(out: str | Path, grid: Grid, tokens, vocab: str, prompt: str
     rows_at = prompt_rows(tokens, vocab, prompt)
     rows = []
     for spec in [*grid.teachers, *grid.students]:
-        logits = _students_test_logits(store, spec)
+        logits = students_test_logits(store, spec)
         if logits is None:
             continue
         counts = completion_counts(logits, rows_at, vocab, completions)
@@ -86,7 +86,7 @@ def targeted_counts(out: str | Path, grid: Grid, tokens, vocab: str, prompt: str
     return pd.DataFrame(rows, columns=[*KEYS, "completion", "count"])
 
 
-def _students_test_logits(store: RunStore, spec):
+def students_test_logits(store: RunStore, spec):
     """A complete run's test logits on the students' test data, or None."""
     if not store.is_complete(spec.run_id):
         return None

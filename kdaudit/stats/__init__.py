@@ -1,4 +1,4 @@
-"""Paired statistics for the transfer decision (PROTOCOL sections 5 and 6).
+"""Paired statistics for the transfer decision (PROTOCOL sections 5, 6 and 10).
 
 Input is the tidy run table, one row per run per metric. A *setting* is one
 (teacher_seed, alpha, temperature, width) of a treatment condition; its runs are paired with
@@ -7,25 +7,58 @@ makes the Wilcoxon signed-rank tests paired. Which controls a treatment has, and
 setting parameters each shares with it, is a `Designs` table passed in (by default the
 condition registry's, kdaudit.conditions.designs()). A parameter a condition does not have
 (a feature-map treatment's temperature) is NaN. The metrics, their better directions and
-which of them are functional come from the metric registry (kdaudit.metrics). `width` (capacity grids) is optional: a table without it
-is one width, NaN.
+which of them are functional come from the metric registry (kdaudit.metrics). `width`
+(capacity grids) is optional: a table without it is one width, NaN.
+
+Per setting: the paired tests against every control (with effect sizes and estimates,
+kdaudit.stats.paired), the transfer verdict, the paper's asymmetry label and the robust one
+from the asymmetry matrix (kdaudit.stats.asymmetry). `Analysis.pooled` repeats the analysis
+per setting over all (teacher seed, student seed) pairs when there are several teachers.
 Everything here computes at full precision; rounding and formatting belong to the report.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from kdaudit.conditions import Designs, label
 from kdaudit.conditions import designs as registered_designs
 from kdaudit.config import AnalysisOptions
 from kdaudit.metrics import better_directions, functional_metrics
+from kdaudit.stats.asymmetry import (
+    ASYMMETRY_COLUMNS,
+    MATRIX_COLUMNS,
+    ROBUST_LABELS,
+    Asymmetry,
+    AsymmetryCell,
+    asymmetry_matrix,
+    cell_row,
+    paper_asymmetry,
+    robust_label,
+)
+from kdaudit.stats.paired import (
+    DIRECTIONS,
+    FDR_METHODS,
+    PairedTest,
+    apply_fdr,
+    benjamini_hochberg,
+    min_pairs,
+    paired_wilcoxon,
+    reachable,
+    sem,
+)
+
+__all__ = [
+    "DIRECTIONS", "FDR_METHODS", "ROBUST_LABELS", "Analysis", "AnalysisOptions", "Asymmetry",
+    "AsymmetryCell", "ControlComparison", "PairedTest", "SettingResult", "analyse", "apply_fdr",
+    "benjamini_hochberg", "paired_wilcoxon", "sem",
+]  # fmt: skip
 
 REQUIRED_COLUMNS = (
     "run_id",
@@ -38,105 +71,13 @@ REQUIRED_COLUMNS = (
     "value",
 )
 SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature", "width")
+POOLED = -1  # the teacher seed of a setting pooled over teacher seeds
 
 
-DIRECTIONS = ("lower", "higher")
 BASELINES = ("accuracy", "agreement")
-VERDICTS = ("supported", "marginal", "not_supported")
-ASYMMETRY_LABELS = ("negative", "symmetric", "positive", "undetermined")
-
-
-# ----------------------------------------------------------------------------- tests
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """One-sided Wilcoxon signed-rank test of treatment vs control in the better direction."""
-
-    metric: str
-    better: str
-    n: int  # pairs
-    n_nonzero: int  # pairs with a nonzero difference: the pairs scipy actually ranks
-    statistic: float  # sum of the ranks of the positive differences (NaN when all_zero)
-    pvalue: float  # one-sided, NaN when all_zero
-    all_zero: bool
-    mean_treatment: float
-    mean_control: float
-    p_adjusted: float = math.nan  # Benjamini-Hochberg; NaN for tests outside an FDR family
-    significant: bool = False
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(self)])
-
-
-def paired_wilcoxon(
-    treatment: Sequence[float] | np.ndarray,
-    control: Sequence[float] | np.ndarray,
-    better: str,
-    *,
-    metric: str = "",
-    level: float = 0.05,
-) -> PairedTest:
-    """Test whether treatment is better than control on paired samples.
-
-    `significant` is `pvalue <= level`; an FDR family overrides it (see `apply_fdr`).
-    """
-    if better not in DIRECTIONS:
-        raise ValueError(f"better must be one of {DIRECTIONS}, got {better!r}")
-    t, c = _paired_arrays(treatment, control)
-    d = t - c
-    common = dict(
-        metric=metric,
-        better=better,
-        n=int(d.size),
-        n_nonzero=int(np.count_nonzero(d)),
-        mean_treatment=float(t.mean()),
-        mean_control=float(c.mean()),
-    )
-    if common["n_nonzero"] == 0:
-        # No evidence either way; scipy would return a misleading p (or NaN), so do not ask.
-        return PairedTest(**common, statistic=math.nan, pvalue=math.nan, all_zero=True)
-    # zero_method="wilcox" (scipy's default) discards zero differences before ranking, so the
-    # test runs on n_nonzero pairs. method="auto": exact null for n_nonzero <= 50 without
-    # ties or zeros, exhaustive permutations when there are ties/zeros and n <= 13,
-    # the normal approximation otherwise.
-    alternative = "less" if better == "lower" else "greater"
-    res = sps.wilcoxon(d, alternative=alternative, method="auto")
-    p = float(res.pvalue)
-    return PairedTest(
-        **common, statistic=float(res.statistic), pvalue=p, all_zero=False, significant=p <= level
-    )
-
-
-def _paired_arrays(treatment, control) -> tuple[np.ndarray, np.ndarray]:
-    t = np.asarray(treatment, dtype=np.float64).ravel()
-    c = np.asarray(control, dtype=np.float64).ravel()
-    if t.size != c.size:
-        raise ValueError(f"paired samples differ in length: {t.size} vs {c.size}")
-    if t.size < 1:
-        raise ValueError("a paired test needs at least one pair")
-    if not (np.isfinite(t).all() and np.isfinite(c).all()):
-        raise ValueError("paired samples must be finite (drop incomplete pairs first)")
-    return t, c
-
-
-def benjamini_hochberg(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
-    """BH-adjusted p-values; NaN entries stay NaN and are not counted in the family."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    if ok.any():
-        out[ok] = sps.false_discovery_control(p[ok], method="bh")
-    return out
-
-
-def apply_fdr(tests: Sequence[PairedTest], q: float) -> tuple[PairedTest, ...]:
-    """Adjust a family of tests jointly; significant iff the adjusted p-value <= q."""
-    adjusted = benjamini_hochberg([t.pvalue for t in tests])
-    return tuple(
-        replace(t, p_adjusted=float(p), significant=bool(p <= q))
-        for t, p in zip(tests, adjusted, strict=True)
-    )
+VERDICTS = ("supported", "marginal", "not_supported", "insufficient_n")
+TRANSFER = ("supported", "marginal")  # the verdicts that found transfer
+ASYMMETRY_LABELS = ("negative", "symmetric", "positive", "undetermined")  # the paper's
 
 
 # ----------------------------------------------------------------------------- results
@@ -172,76 +113,42 @@ _TEST_COLUMNS = [*SETTING_KEYS, "control", *(f for f in PairedTest.__dataclass_f
 
 
 @dataclass(frozen=True)
-class Asymmetry:
-    """Agreement gained on teacher-correct vs teacher-incorrect examples over control B."""
-
-    baseline_correct: str  # control B for delta_correct ("" when undetermined)
-    baseline_incorrect: str  # control B for delta_incorrect
-    delta_correct: float  # mean over seeds of A_correct(KD) - A_correct(B)
-    delta_incorrect: float  # mean over seeds of A_incorrect(KD) - A_incorrect(B)
-    label: str  # negative / symmetric / positive / undetermined
-    test: PairedTest | None  # d_incorrect vs d_correct, one-sided "greater"
-    n: int
-    student_seeds: tuple[int, ...] = ()
-    d_correct: tuple[float, ...] = ()  # per seed, aligned with student_seeds
-    d_incorrect: tuple[float, ...] = ()
-
-    @property
-    def best_control(self) -> str:
-        if self.baseline_correct == self.baseline_incorrect:
-            return self.baseline_correct
-        return f"correct:{self.baseline_correct}/incorrect:{self.baseline_incorrect}"
-
-    @property
-    def sem_correct(self) -> float:
-        return sem(self.d_correct)
-
-    @property
-    def sem_incorrect(self) -> float:
-        return sem(self.d_incorrect)
-
-    @property
-    def pvalue(self) -> float:
-        return math.nan if self.test is None else self.test.pvalue
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            dict(
-                student_seed=list(self.student_seeds),
-                baseline_correct=self.baseline_correct,
-                baseline_incorrect=self.baseline_incorrect,
-                d_correct=list(self.d_correct),
-                d_incorrect=list(self.d_incorrect),
-            ),
-            columns=_ASYMMETRY_COLUMNS,
-        )
-
-
-_ASYMMETRY_COLUMNS = ["student_seed", "baseline_correct", "baseline_incorrect"]
-_ASYMMETRY_COLUMNS += ["d_correct", "d_incorrect"]
-
-
-@dataclass(frozen=True)
 class SettingResult:
-    teacher_seed: int
+    teacher_seed: int  # POOLED for a setting pooled over teacher seeds
     condition: str
     alpha: float
     temperature: float
-    n: int  # KD runs of this setting
-    verdict: str
+    n: int  # treatment runs of this setting
+    verdict: str  # supported | marginal | not_supported | insufficient_n
     n_significant: int  # functional metrics significant vs every verdict control
     relative_improvement: float  # median over functional metrics vs the reference, + = better
     comparisons: tuple[ControlComparison, ...]
-    asymmetry: Asymmetry
+    paper_asymmetry: Asymmetry  # the paper's view: one baseline B, raw, point estimates
+    matrix: tuple[AsymmetryCell, ...] = ()  # every control present x (raw, headroom)
+    asymmetry: str = "undetermined"  # the robust label (ROBUST_LABELS)
+    asymmetry_why: str = ""  # baseline-dependent: the cells that disagree
     note: str = ""
     width: float = math.nan  # student width fraction (capacity grids)
     verdict_controls: tuple[str, ...] = ()  # the controls the verdict needs, reference first
+    asymmetry_controls: tuple[str, ...] = ()  # the controls the robust label needs
+    seeds_needed: float = math.nan  # pairs that would detect the observed transfer (planning)
+    n_teachers: int = 1  # teacher seeds pooled (POOLED settings)
+    teacher_verdicts: Mapping[str, int] | None = None  # pooled: verdict counts per teacher
 
     def comparison(self, control: str) -> ControlComparison | None:
         return next((c for c in self.comparisons if c.control == control), None)
 
+    def cells(self, controls: Sequence[str] | None = None) -> tuple[AsymmetryCell, ...]:
+        """The matrix cells of `controls` (default: the robust label's)."""
+        controls = self.asymmetry_controls if controls is None else controls
+        return tuple(c for c in self.matrix if c.control in controls)
+
+    @property
+    def transfer_found(self) -> bool:
+        return self.verdict in TRANSFER
+
     def to_frame(self) -> pd.DataFrame:
-        a = self.asymmetry
+        a = self.paper_asymmetry
         row = dict(
             teacher_seed=self.teacher_seed,
             condition=self.condition,
@@ -252,25 +159,34 @@ class SettingResult:
             verdict=self.verdict,
             n_significant=self.n_significant,
             relative_improvement=self.relative_improvement,
-            asymmetry=a.label,
+            asymmetry=self.asymmetry,
+            paper_asymmetry=a.label,
             delta_correct=a.delta_correct,
             delta_incorrect=a.delta_incorrect,
             best_control=a.best_control,
             asymmetry_p=a.pvalue,
+            seeds_needed=self.seeds_needed,
+            asymmetry_why=self.asymmetry_why,
             note=self.note,
         )
         return pd.DataFrame([row], columns=VERDICT_COLUMNS)
 
+    def matrix_frame(self) -> pd.DataFrame:
+        keys = {k: getattr(self, k) for k in SETTING_KEYS}
+        return pd.DataFrame([{**keys, **cell_row(c)} for c in self.matrix],
+                            columns=[*SETTING_KEYS, *MATRIX_COLUMNS])  # fmt: skip
+
 
 VERDICT_COLUMNS = [*SETTING_KEYS, "n", "verdict", "n_significant", "relative_improvement"]
-VERDICT_COLUMNS += ["asymmetry", "delta_correct", "delta_incorrect", "best_control"]
-VERDICT_COLUMNS += ["asymmetry_p", "note"]
+VERDICT_COLUMNS += ["asymmetry", "paper_asymmetry", "delta_correct", "delta_incorrect"]
+VERDICT_COLUMNS += ["best_control", "asymmetry_p", "seeds_needed", "asymmetry_why", "note"]
 
 
 @dataclass(frozen=True)
 class Analysis:
     settings: tuple[SettingResult, ...]
     options: AnalysisOptions
+    pooled: tuple[SettingResult, ...] = ()  # per setting over teacher seeds, when several
 
     def verdicts_frame(self) -> pd.DataFrame:
         """One row per setting."""
@@ -282,9 +198,14 @@ class Analysis:
         return _concat(frames, _TEST_COLUMNS)
 
     def asymmetry_frame(self) -> pd.DataFrame:
-        """Per-seed agreement deltas, one row per (setting, student seed)."""
-        frames = [_with_keys(s.asymmetry.to_frame(), s) for s in self.settings]
-        return _concat(frames, [*SETTING_KEYS, *_ASYMMETRY_COLUMNS])
+        """Per-seed agreement deltas of the paper's view, one row per (setting, student seed)."""
+        frames = [_with_keys(s.paper_asymmetry.to_frame(), s) for s in self.settings]
+        return _concat(frames, [*SETTING_KEYS, *ASYMMETRY_COLUMNS])
+
+    def matrix_frame(self, pooled: bool = False) -> pd.DataFrame:
+        """One row per (setting, control, scale): the asymmetry matrix."""
+        settings = self.pooled if pooled else self.settings
+        return _concat([s.matrix_frame() for s in settings], [*SETTING_KEYS, *MATRIX_COLUMNS])
 
     def to_frame(self) -> pd.DataFrame:
         return self.verdicts_frame()
@@ -304,13 +225,6 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- summaries
-
-
-def sem(values: Sequence[float] | np.ndarray) -> float:
-    """Standard error of the mean (ddof=1) of the non-NaN values; NaN below two values."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    return float(sps.sem(v, ddof=1)) if v.size >= 2 else math.nan
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
@@ -347,17 +261,45 @@ def analyse(
     runs: pd.DataFrame, options: AnalysisOptions = DEFAULT_OPTIONS, designs: Designs | None = None
 ) -> Analysis:
     # designs: treatment -> its controls; None: the condition registry's
-    """Test every treatment setting against its paired controls and decide the verdicts."""
+    """Test every treatment setting against its paired controls and decide the verdicts; with
+    several teacher seeds, the same per setting over all (teacher seed, student seed) pairs."""
     check_columns(runs)
     designs = registered_designs() if designs is None else designs
     _check_options(options, designs)
     runs = with_width(runs).assign(value=runs["value"].astype(np.float64))
-    settings = [
+    settings = _analyse_all(runs, designs, options)
+    pooled = ()
+    if runs["teacher_seed"].nunique() > 1:
+        pooled = tuple(_pool(p, settings) for p in _analyse_all(_pooled(runs), designs, options))
+    return Analysis(tuple(settings), options, pooled)
+
+
+def _analyse_all(runs: pd.DataFrame, designs: Designs, options) -> list[SettingResult]:
+    return [
         _analyse_setting(runs, treatment, key, controls, options)
         for treatment, controls in designs.items()
         for key in _treatment_settings(runs, treatment)
     ]
-    return Analysis(tuple(settings), options)
+
+
+def _pooled(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs as one teacher (POOLED) whose pairs are (teacher seed, student seed)."""
+    pairs = runs["teacher_seed"].astype(int).astype(str) + ":" + runs["student_seed"].astype(str)
+    return runs.assign(student_seed=pairs, teacher_seed=POOLED)
+
+
+def _pool(pooled: SettingResult, settings: Sequence[SettingResult]) -> SettingResult:
+    """A pooled setting with the count of teacher seeds and of their verdicts."""
+    same = [s for s in settings if s.condition == pooled.condition and _same_setting(s, pooled)]
+    verdicts = dict(Counter(s.verdict for s in same))
+    return replace(pooled, n_teachers=len(same), teacher_verdicts=verdicts)
+
+
+def _same_setting(a: SettingResult, b: SettingResult) -> bool:
+    return all(
+        (math.isnan(x) and math.isnan(y)) or math.isclose(x, y)
+        for x, y in ((a.alpha, b.alpha), (a.temperature, b.temperature), (a.width, b.width))
+    )
 
 
 def known_controls(designs: Designs) -> tuple[str, ...]:
@@ -368,10 +310,13 @@ def known_controls(designs: Designs) -> tuple[str, ...]:
 def _check_options(options: AnalysisOptions, designs: Designs) -> None:
     if options.baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {options.baseline!r}")
+    if options.fdr_method not in FDR_METHODS:
+        raise ValueError(f"fdr_method must be one of {FDR_METHODS}, got {options.fdr_method!r}")
     known = known_controls(designs)
-    unknown = [c for c in options.exclude_controls if c not in known]
-    if unknown:
-        raise ValueError(f"exclude_controls has unknown controls {unknown}; known: {known}")
+    for key in ("exclude_controls", "asymmetry_controls"):
+        unknown = [c for c in getattr(options, key) if c not in known]
+        if unknown:
+            raise ValueError(f"{key} has unknown controls {unknown}; known: {known}")
     better = better_directions()
     unknown = [m for m in options.metrics if m not in better]
     if unknown:
@@ -388,7 +333,7 @@ def _treatment_settings(runs: pd.DataFrame, treatment: str) -> list[tuple]:
     return [(int(s), float(a), float(t), float(w)) for s, w, a, t in rows.itertuples(index=False)]
 
 
-def _select(
+def select_runs(
     runs: pd.DataFrame, condition: str, key: Mapping[str, float], match=("alpha", "temperature")
 ) -> pd.DataFrame:
     """The runs of `condition` in setting `key`, matched on the columns `match`."""
@@ -401,7 +346,7 @@ def _select(
     return runs[mask]
 
 
-def _wide(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+def wide_table(frame: pd.DataFrame, label: str) -> pd.DataFrame:
     """(student seeds, metrics) table of one condition's runs."""
     dup = frame.duplicated(["student_seed", "metric"], keep=False)
     if dup.any():
@@ -413,17 +358,22 @@ def _wide(frame: pd.DataFrame, label: str) -> pd.DataFrame:
 def _analyse_setting(runs, treatment, setting, design, options: AnalysisOptions) -> SettingResult:
     teacher_seed, alpha, temperature, width = setting
     key = dict(teacher_seed=teacher_seed, alpha=alpha, temperature=temperature, width=width)
-    label = f"teacher seed {teacher_seed}, {treatment} alpha={alpha:g}"
-    label += "" if math.isnan(temperature) else f", T={temperature:g}"
-    label += "" if math.isnan(width) else f", width={width:g}"
-    kd = _wide(_select(runs, treatment, key), label)
-    controls = _control_tables(runs, key, design.controls, label)
+    where = "teachers pooled" if teacher_seed == POOLED else f"teacher seed {teacher_seed}"
+    name = f"{where}, {treatment} alpha={alpha:g}"
+    name += "" if math.isnan(temperature) else f", T={temperature:g}"
+    name += "" if math.isnan(width) else f", width={width:g}"
+    kd = wide_table(select_runs(runs, treatment, key), name)
+    controls = _control_tables(runs, key, design.controls, name)
     comparisons = tuple(
-        _compare(kd, wide, name, (teacher_seed, treatment, alpha, temperature), width, options)
-        for name, wide in controls.items()
+        _compare(kd, wide, c, (teacher_seed, treatment, alpha, temperature), width, options)
+        for c, wide in controls.items()
     )
-    verdict, n_sig, rel, notes = _verdict(comparisons, tuple(design.verdict), options)
-    asymmetry, asym_notes = _asymmetry(kd, controls, options)
+    verdict_controls = tuple(design.verdict)
+    verdict, n_sig, rel, notes = _verdict(comparisons, verdict_controls, options)
+    paper, asym_notes = paper_asymmetry(kd, controls, options)
+    matrix = asymmetry_matrix(kd, controls, options)
+    asymmetry_controls = tuple(options.asymmetry_controls) or verdict_controls
+    robust, why = robust_label(matrix, asymmetry_controls)
     notes += _pairing_notes(kd, comparisons, treatment) + asym_notes
     return SettingResult(
         teacher_seed=teacher_seed,
@@ -435,10 +385,15 @@ def _analyse_setting(runs, treatment, setting, design, options: AnalysisOptions)
         n_significant=n_sig,
         relative_improvement=rel,
         comparisons=comparisons,
-        asymmetry=asymmetry,
+        paper_asymmetry=paper,
+        matrix=matrix,
+        asymmetry=robust,
+        asymmetry_why=why,
         note="; ".join(notes),
         width=width,
-        verdict_controls=tuple(design.verdict),
+        verdict_controls=verdict_controls,
+        asymmetry_controls=asymmetry_controls,
+        seeds_needed=_seeds_needed(comparisons, verdict_controls),
     )
 
 
@@ -446,9 +401,9 @@ def _control_tables(runs: pd.DataFrame, key, design, label: str) -> dict[str, pd
     """The (student seed, metric) table of every control of the design present for a setting."""
     tables = {}
     for name, match in design.items():
-        selected = _select(runs, name, key, match)
+        selected = select_runs(runs, name, key, match)
         if not selected.empty:
-            tables[name] = _wide(selected, f"{label}: control {name}")
+            tables[name] = wide_table(selected, f"{label}: control {name}")
     return tables
 
 
@@ -465,14 +420,16 @@ def _compare(kd, control, name, keys, width, options: AnalysisOptions) -> Contro
             tests.append(paired_wilcoxon(t, c, better, metric=metric, level=options.alpha_level))
     functional = functional_metrics()
     family = [i for i, t in enumerate(tests) if t.metric in functional]
-    adjusted_family = apply_fdr([tests[i] for i in family], options.fdr_q)
-    for i, adjusted in zip(family, adjusted_family, strict=True):
-        tests[i] = adjusted
+    adjusted = apply_fdr([tests[i] for i in family], options.fdr_q, options.fdr_method)
+    for i, test in zip(family, adjusted, strict=True):
+        tests[i] = test
     return ControlComparison(*keys, control=name, n=len(seeds), tests=tuple(tests), width=width)
 
 
 def _verdict(comparisons, verdict_controls, options) -> tuple[str, int, float, list[str]]:
-    """Supported when a majority of the functional metrics beat every verdict control."""
+    """Supported when a majority of the functional metrics beat every verdict control;
+    insufficient_n when the pairs with some verdict control are too few for any outcome to
+    reach the FDR level."""
     by_name = {c.control: c for c in comparisons}
     missing = [c for c in verdict_controls if c not in by_name]
     reference = verdict_controls[0] if verdict_controls else None
@@ -482,12 +439,38 @@ def _verdict(comparisons, verdict_controls, options) -> tuple[str, int, float, l
         return "not_supported", 0, rel, [f"no {names} runs to compare with: verdict needs both"]
     functional = functional_metrics()
     n_sig = sum(all(_significant(by_name[c], m) for c in verdict_controls) for m in functional)
+    family = len(functional)
+    short = [c for c in verdict_controls
+             if not reachable(by_name[c].n, options.fdr_q, family, options.fdr_method)]  # fmt: skip
+    if short:
+        need = min_pairs(options.fdr_q)
+        pairs = ", ".join(f"{by_name[c].n} with {label(c)}" for c in short)
+        return "insufficient_n", n_sig, rel, [f"{pairs} paired seed(s): no outcome can reach "
+                                             f"q={options.fdr_q:g} below {need}"]  # fmt: skip
     if n_sig <= len(functional) / 2:
         return "not_supported", n_sig, rel, []
     if rel < options.marginal_threshold:
         return "marginal", n_sig, rel, []
     undefined = f"relative improvement undefined ({label(reference)} mean 0)"
     return "supported", n_sig, rel, [] if not math.isnan(rel) else [undefined]
+
+
+def _seeds_needed(comparisons, verdict_controls) -> float:
+    """Pairs at which a majority of the functional metrics would each detect the observed
+    effect against every verdict control (planning figure: see paired.seeds_needed)."""
+    by_name = {c.control: c for c in comparisons}
+    if not verdict_controls or any(c not in by_name for c in verdict_controls):
+        return math.nan
+    per_metric = []
+    for metric in functional_metrics():
+        tests = [by_name[c].test(metric) for c in verdict_controls]
+        if any(t is None for t in tests):
+            continue
+        per_metric.append(max(t.seeds_needed for t in tests))
+    majority = len(functional_metrics()) // 2 + 1
+    if len(per_metric) < majority:
+        return math.nan
+    return float(sorted(per_metric)[majority - 1])
 
 
 def _significant(comparison: ControlComparison, metric: str) -> bool:
@@ -515,93 +498,6 @@ def _pairing_notes(kd: pd.DataFrame, comparisons, treatment: str) -> list[str]:
             notes.append(f"{len(kd) - c.n} {label(treatment)} run(s) without a paired "
                          f"{label(c.control)} run")  # fmt: skip
     return notes
-
-
-# ----------------------------------------------------------------------------- asymmetry
-
-_AGREEMENT = {"correct": "correct_agreement", "incorrect": "incorrect_agreement"}
-
-
-def _asymmetry(kd, controls, options: AnalysisOptions) -> tuple[Asymmetry, list[str]]:
-    candidates = {k: v for k, v in controls.items() if k not in options.exclude_controls}
-    b_correct, b_incorrect = _baselines(candidates, options.baseline)
-    if b_correct is None or b_incorrect is None:
-        return _undetermined(b_correct, b_incorrect), ["asymmetry undetermined: no usable control"]
-    d = _agreement_deltas(kd, candidates[b_correct], candidates[b_incorrect])
-    if d.empty:
-        note = "asymmetry undetermined: no seed with both agreement buckets for KD and control"
-        return _undetermined(b_correct, b_incorrect), [note]
-    test = paired_wilcoxon(
-        d["incorrect"],
-        d["correct"],
-        "higher",
-        metric="delta_incorrect_minus_delta_correct",
-        level=options.alpha_level,
-    )
-    label = _asymmetry_label(test.mean_control, test.mean_treatment, options.asymmetry_tolerance)
-    return Asymmetry(
-        baseline_correct=b_correct,
-        baseline_incorrect=b_incorrect,
-        delta_correct=test.mean_control,
-        delta_incorrect=test.mean_treatment,
-        label=label,
-        test=test,
-        n=len(d),
-        student_seeds=tuple(int(s) for s in d.index),
-        d_correct=tuple(float(x) for x in d["correct"]),
-        d_incorrect=tuple(float(x) for x in d["incorrect"]),
-    ), []
-
-
-def _baselines(candidates, baseline: str) -> tuple[str | None, str | None]:
-    """Control B for (delta_correct, delta_incorrect) as PROTOCOL section 6 chooses it."""
-    if baseline == "accuracy":
-        best = _best_control(candidates, "accuracy")
-        return best, best
-    return (
-        _best_control(candidates, _AGREEMENT["correct"]),
-        _best_control(candidates, _AGREEMENT["incorrect"]),
-    )
-
-
-def _best_control(candidates: Mapping[str, pd.DataFrame], metric: str) -> str | None:
-    """The control with the highest mean `metric` over its runs; ties go to the design's order."""
-    means = {
-        name: float(np.nanmean(w[metric])) if metric in w and w[metric].notna().any() else math.nan
-        for name, w in candidates.items()
-    }
-    means = {k: v for k, v in means.items() if not math.isnan(v)}
-    return max(means, key=means.__getitem__) if means else None
-
-
-def _agreement_deltas(kd, b_correct, b_incorrect) -> pd.DataFrame:
-    """Per student seed: KD minus baseline agreement, on each teacher bucket."""
-    columns = {}
-    for bucket, baseline in (("correct", b_correct), ("incorrect", b_incorrect)):
-        metric = _AGREEMENT[bucket]
-        if metric not in kd or metric not in baseline:
-            return pd.DataFrame(columns=["correct", "incorrect"])
-        columns[bucket] = kd[metric] - baseline[metric]  # aligned on student_seed
-    return pd.DataFrame(columns).dropna().sort_index()
-
-
-def _asymmetry_label(delta_correct: float, delta_incorrect: float, tolerance: float) -> str:
-    diff = delta_incorrect - delta_correct
-    if abs(diff) <= tolerance:
-        return "symmetric"
-    return "negative" if diff > tolerance else "positive"
-
-
-def _undetermined(b_correct: str | None, b_incorrect: str | None) -> Asymmetry:
-    return Asymmetry(
-        baseline_correct=b_correct or "",
-        baseline_incorrect=b_incorrect or "",
-        delta_correct=math.nan,
-        delta_incorrect=math.nan,
-        label="undetermined",
-        test=None,
-        n=0,
-    )
 
 
 # ----------------------------------------------------------------------------- sweeps

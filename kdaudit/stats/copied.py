@@ -1,0 +1,102 @@
+"""The evidence behind an asymmetry claim: which of the teacher's mistakes the treatment's
+students copied more often than the controls' (input: kdaudit.store.copied's long table).
+
+Per teacher-incorrect test example, one copy-rate column per condition key (the share of
+that condition's runs that predicted the teacher's wrong class), and
+    excess = (highest copy rate of any treatment setting) - (highest of any control),
+how much more often the most-copying treatment setting copied the mistake than the
+most-copying control. The same per class pair (true class -> teacher's wrong class), with
+each rate averaged over the pair's examples, sorted by extra_copies = excess x n_examples
+(about how many more of the pair's mistakes the treatment copied than the control).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from kdaudit.conditions import is_treatment, order
+
+KEYS = ["teacher_seed", "example", "label", "teacher_prediction"]
+PAIR_KEYS = ["teacher_seed", "label", "teacher_prediction"]
+DERIVED = ("treatment_max", "control_max", "excess")
+
+
+def rate_column(condition: str, alpha, temperature, width, show_t: bool) -> str:
+    """'kd a=0.9', 'kd a=0.9 T=2', 'siddo', 'rcd a=0.5 w=0.3'."""
+    parts = [condition]
+    if not _missing(alpha):
+        parts.append(f"a={alpha:g}")
+    if show_t and not _missing(temperature):
+        parts.append(f"T={temperature:g}")
+    if not _missing(width):
+        parts.append(f"w={width:g}")
+    return " ".join(parts)
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def copied_errors(copied: pd.DataFrame) -> pd.DataFrame:
+    """One row per (teacher seed, teacher-incorrect example): label, teacher's prediction,
+    one copy-rate column per condition key (treatments first), treatment_max, control_max
+    and excess; sorted by excess, most copied first."""
+    if copied.empty:
+        return pd.DataFrame(columns=[*KEYS, "treatment_max", "control_max", "excess"])
+    show_t = copied.loc[copied["condition"].map(is_treatment), "temperature"].nunique() > 1
+    keyed = copied.assign(column=[
+        rate_column(c, a, t, w, show_t)
+        for c, a, t, w in copied[["condition", "alpha", "temperature", "width"]].itertuples(
+            index=False)
+    ])  # fmt: skip
+    wide = keyed.pivot_table(index=KEYS, columns="column", values="copy_rate", sort=False)
+    columns = _ordered_columns(keyed)
+    wide = wide[columns]
+    wide = _with_excess(wide, columns).reset_index()
+    wide.columns.name = None
+    return wide.sort_values(["excess", "treatment_max", "teacher_seed", "example"],
+                            ascending=[False, False, True, True],
+                            kind="stable").reset_index(drop=True)  # fmt: skip
+
+
+def copied_class_pairs(errors: pd.DataFrame) -> pd.DataFrame:
+    """Per (teacher seed, true class, teacher's wrong class): the number of such examples and
+    each copy-rate column averaged over them, sorted by extra_copies."""
+    if errors.empty:
+        return pd.DataFrame(columns=[*PAIR_KEYS, "n_examples", "excess"])
+    rates = [c for c in errors.columns if c not in (*KEYS, *DERIVED)]
+    grouped = errors.groupby(PAIR_KEYS, sort=True)
+    pairs = grouped[rates].mean()
+    pairs.insert(0, "n_examples", grouped.size())
+    pairs = _with_excess(pairs, rates)
+    pairs["extra_copies"] = pairs["excess"] * pairs["n_examples"]
+    pairs = pairs.reset_index()
+    return pairs.sort_values(["extra_copies", "n_examples"], ascending=[False, False],
+                             kind="stable").reset_index(drop=True)  # fmt: skip
+
+
+def _with_excess(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """treatment_max, control_max and excess over the copy-rate `columns` of each row."""
+    treatments = [c for c in columns if is_treatment(c.split()[0])]
+    controls = [c for c in columns if c not in treatments]
+    frame = frame.assign(
+        treatment_max=frame[treatments].max(axis=1) if treatments else math.nan,
+        control_max=frame[controls].max(axis=1) if controls else math.nan,
+    )
+    return frame.assign(excess=frame["treatment_max"] - frame["control_max"])
+
+
+def _ordered_columns(keyed: pd.DataFrame) -> list[str]:
+    """Treatments first, then controls, each in registry order, then by alpha, T, width."""
+    keys = keyed.drop_duplicates("column")
+
+    def sort_key(row):
+        treatment = 0 if is_treatment(row.condition) else 1
+        nums = [
+            (-1.0 if _missing(v) else float(v)) for v in (row.alpha, row.temperature, row.width)
+        ]
+        return (treatment, order(row.condition), row.condition, *nums)
+
+    return [row.column for row in sorted(keys.itertuples(index=False), key=sort_key)]
