@@ -24,10 +24,12 @@ TINY = {
 
 @pytest.fixture(autouse=True, scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """Every test generates/caches datasets in one temporary data directory."""
+    """Every test reads datasets from one temporary data directory and keeps what it derives
+    from them in one temporary cache directory (never the user's)."""
     path = tmp_path_factory.mktemp("data")
     mp = pytest.MonkeyPatch()
     mp.setenv("KDAUDIT_DATA", str(path))
+    mp.setenv("KDAUDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield path
     mp.undo()
 

@@ -213,19 +213,38 @@ def test_fsdd_missing_or_wrong_files_name_the_problem(tmp_path):
         build(FSDDConfig(n_files=None), tmp_path)
 
 
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}  # fmt: skip
+
+
 def test_feature_cache_is_reused_and_keyed_by_the_settings(tmp_path, monkeypatch):
-    write_fsdd(tmp_path)
-    first = build(FSDDConfig(n_files=70), tmp_path)
-    assert len(list((tmp_path / "fsdd").glob("features-*.npy"))) == 1
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    monkeypatch.setenv("KDAUDIT_CACHE", str(cache))
+    write_fsdd(data)
+    before = _files(data)
+    first = build(FSDDConfig(n_files=70), data)
+    assert _files(data) == before  # the data directory is left exactly as it was
+    assert len(list((cache / "audio").glob("features-*.npz"))) == 1
 
     def fail(*args, **kwargs):
         raise AssertionError("features were recomputed")
 
     monkeypatch.setattr(audio_data, "compute_features", fail)
-    second = build(FSDDConfig(n_files=70), tmp_path)
+    second = build(FSDDConfig(n_files=70), data)
     assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
     with pytest.raises(AssertionError, match="recomputed"):
-        build(FSDDConfig(n_files=70, n_mels=16), tmp_path)
+        build(FSDDConfig(n_files=70, n_mels=16), data)
+
+
+def test_an_unwritable_cache_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("KDAUDIT_CACHE", str(blocker))
+    write_fsdd(tmp_path / "data")
+    with pytest.warns(UserWarning, match="cannot keep audio in the cache"):
+        data = build(FSDDConfig(n_files=70), tmp_path / "data")
+    assert data.train_x.shape[0] > 0
 
 
 def test_unreadable_wav_is_named(tmp_path):

@@ -74,3 +74,23 @@ def test_copy_rates_from_a_real_audit(tiny_config, tmp_path):
         np.testing.assert_allclose(group["copy_rate"], by_hand)
         assert (group["n_runs"] == len(runs)).all()
         assert (group["teacher_prediction"] == teacher_pred[wrong]).all()
+
+
+def test_label_names_come_from_the_data_and_reach_the_tables():
+    from types import SimpleNamespace
+
+    from kdaudit.store.copied import label_names
+
+    assert label_names(SimpleNamespace(vocab="\n ab")) == ["\\n", "␣", "a", "b"]
+    assert label_names(SimpleNamespace(class_names=("cat", "dog"))) == ["cat", "dog"]
+    assert label_names(SimpleNamespace()) is None
+    nan = math.nan
+    rows = [
+        [0, 5, 1, 0, "kd", 0.9, 1.0, nan, 4, 0.75],
+        [0, 5, 1, 0, "siddo", nan, nan, nan, 4, 0.25],
+    ]
+    named = _long(rows).assign(label_name="dog", teacher_prediction_name="cat")
+    errors = copied_errors(named)
+    assert errors.loc[0, "label_name"] == "dog" and errors.loc[0, "excess"] == pytest.approx(0.5)
+    pairs = copied_class_pairs(errors)
+    assert (pairs.loc[0, "label_name"], pairs.loc[0, "teacher_prediction_name"]) == ("dog", "cat")

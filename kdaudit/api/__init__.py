@@ -244,7 +244,7 @@ def report(out: str | Path, data_dir: str | Path | None = None, beside: Iterable
     table sets beside this one's."""
     from kdaudit.report import write_report
     from kdaudit.report.result import AuditResult
-    from kdaudit.store.copied import copied_predictions, load_test_labels
+    from kdaudit.store.copied import copied_predictions, load_test_labels, stored_label_names
     from kdaudit.store.tables import targeted_transfer
 
     out = Path(out)
@@ -252,7 +252,8 @@ def report(out: str | Path, data_dir: str | Path | None = None, beside: Iterable
     targeted = targeted_transfer(out, cfg, expand(cfg), data_dir)
     regimes = _regimes([out, *beside]) if beside else None
     labels = load_test_labels(out, cfg, data_dir)
-    copied = None if labels is None else copied_predictions(out, expand(cfg), labels)
+    names = stored_label_names(out)
+    copied = None if labels is None else copied_predictions(out, expand(cfg), labels, names)
     path = write_report(out / "report", runs, teachers, analysis, title=f"kdaudit: {cfg.name}",
                         meta=_meta(out, cfg), targeted=targeted, regimes=regimes,
                         copied=copied)  # fmt: skip

@@ -29,6 +29,7 @@ class TensorData:
     num_classes: int
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    class_names: tuple[str, ...] | None = None  # the report's names of the label ids
 
     def inputs(self, x: torch.Tensor, augment: str = "none") -> torch.Tensor:
         """Model inputs for raw rows `x` of train_x or test_x (augment: training only)."""

@@ -2,9 +2,9 @@
 and UrbanSound8K.
 
 Each dataset lists its clips (relative paths, labels, the train/test split), checking the
-files; the features of all clips are computed once (see `audio_features`) and cached next to
-the files as `features-<key>.npy`, where the key hashes the feature settings and the file
-list with sizes. Features are standardised with one mean and one standard deviation over
+files; the features of all clips are computed once (see `audio_features`) and kept in the
+cache directory (kdaudit.data.cache) as `audio/features-<key>.npz`, where the key hashes the
+feature settings and the file list with sizes. Features are standardised with one mean and one standard deviation over
 all values of the training split.
 """
 
@@ -16,7 +16,6 @@ import json
 import os
 import re
 import tarfile
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +24,7 @@ import torch
 
 from kdaudit.data import DATASETS, TensorData
 from kdaudit.data.audio_features import LogMel, load_clip, log_mel
+from kdaudit.data.cache import cached_arrays
 from kdaudit.data.files import DatasetMissing, Resource, ensure
 
 FEATURES_VERSION = 1  # bump when the feature code changes: old caches are then ignored
@@ -153,22 +153,13 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
 
 
 def cached_features(clips: Clips, settings: LogMel) -> np.ndarray:
-    """Features (N, n_mels, frames) float32 of every clip: from the cache when it exists."""
-    path = clips.root / f"features-{_cache_key(clips, settings)}.npy"
-    if path.is_file():
-        return np.load(path)
-    x = compute_features([clips.root / p for p in clips.paths], settings)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, x)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        warnings.warn(
-            f"cannot cache features at {path} ({err}); they are recomputed each run", stacklevel=2
-        )
-    return x
+    """Features (N, n_mels, frames) float32 of every clip: from the cache directory when
+    there (kdaudit.data.cache), keyed by the files' names and sizes and the settings."""
+
+    def compute():
+        return {"x": compute_features([clips.root / p for p in clips.paths], settings)}
+
+    return cached_arrays("audio", f"features-{_cache_key(clips, settings)}", compute)["x"]
 
 
 def _cache_key(clips: Clips, settings: LogMel) -> str:

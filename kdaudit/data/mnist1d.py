@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 
 from kdaudit.data import DATASETS, TensorData
+from kdaudit.data.cache import cached_arrays, key_of
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class MNIST1DConfig:
 
 @DATASETS.register("mnist1d", MNIST1DConfig)
 def build_mnist1d(cfg: MNIST1DConfig, data_dir: Path) -> TensorData:
-    x, y = _cached(cfg, data_dir)
+    x, y = _cached(cfg)
     n = cfg.n_train
     return TensorData(
         torch.from_numpy(x[:n]).unsqueeze(1),  # (N, 1, 40): one channel for conv models
@@ -36,19 +35,15 @@ def build_mnist1d(cfg: MNIST1DConfig, data_dir: Path) -> TensorData:
     )
 
 
-def _cached(cfg: MNIST1DConfig, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Generation takes seconds; keep the arrays in the data directory, keyed by the config."""
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(data_dir) / "mnist1d" / f"mnist1d-{key}.npz"
-    if path.is_file():
-        with np.load(path) as f:
-            return f["x"], f["y"]
-    x, y = _generate(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{np.random.default_rng().integers(1 << 30)}.npz")
-    np.savez(tmp, x=x, y=y)
-    tmp.replace(path)
-    return x, y
+def _cached(cfg: MNIST1DConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Generation takes seconds: keep the arrays in the cache directory, keyed by the config."""
+
+    def generate():
+        x, y = _generate(cfg)
+        return {"x": x, "y": y}
+
+    arrays = cached_arrays("mnist1d", f"mnist1d-{key_of(asdict(cfg), 12)}", generate)
+    return arrays["x"], arrays["y"]
 
 
 def _generate(cfg: MNIST1DConfig) -> tuple[np.ndarray, np.ndarray]:

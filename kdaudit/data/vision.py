@@ -8,19 +8,18 @@ stop with a message that names the files, where they go and where to get them.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
-import json
 import pickle
 import tarfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdaudit.data import DATASETS, TensorData
+from kdaudit.data.cache import cached_arrays, key_of
 from kdaudit.data.files import DatasetMissing, Resource, ensure
 
 HALF = (0.5, 0.5, 0.5)
@@ -67,6 +66,8 @@ def _tensor_data(cfg, train, test, num_classes: int, mean, std) -> TensorData:
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
 
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")  # fmt: skip
 FASHION_FILES = {  # SHA-256 of the original files
     "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
     "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
@@ -92,7 +93,8 @@ def build_fashion_mnist(cfg: ImageConfig, data_dir: Path) -> TensorData:
         read_idx(d / "t10k-images-idx3-ubyte.gz")[:, None],
         read_idx(d / "t10k-labels-idx1-ubyte.gz"),
     )
-    return _tensor_data(cfg, train, test, 10, (0.5,), (0.5,))
+    data = _tensor_data(cfg, train, test, 10, (0.5,), (0.5,))
+    return replace(data, class_names=FASHION_CLASSES)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -250,17 +252,15 @@ def _decode_images(blobs, size: int, labels: list[int]) -> tuple[np.ndarray, np.
 
 
 def _cached_decode(source: Path, settings: dict, decode):
-    """Decoding JPEGs takes minutes: keep the arrays next to the source, keyed by settings."""
-    key = hashlib.sha256(json.dumps({"source": source.name, **settings}, sort_keys=True).encode())
-    cache = source.parent / f"{source.stem}-decoded-{key.hexdigest()[:12]}.npz"
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as f:
-            return _unpack(dict(f))
-    train, test = decode(source, settings)
-    tmp = cache.with_name(f".{cache.name}.tmp.npz")
-    np.savez(tmp, **_pack(train, test))
-    tmp.replace(cache)
-    return train, test
+    """Decoding JPEGs takes minutes: keep the arrays in the cache directory, keyed by the
+    source's name and size and the settings."""
+    size = source.stat().st_size if source.is_file() else None
+    key = key_of({"source": source.name, "size": size, **settings}, 12)
+
+    def compute():
+        return _pack(*decode(source, settings))
+
+    return _unpack(cached_arrays("images", f"{source.stem}-decoded-{key}", compute))
 
 
 def _pack(train, test) -> dict:

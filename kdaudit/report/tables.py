@@ -510,6 +510,8 @@ def copied_table(frame: pd.DataFrame, name: str, rows: int) -> Table:
         values = head[column]
         if column in ("teacher_seed", "example", "label", "teacher_prediction", "n_examples"):
             text[column.replace("_", " ")] = values.map(lambda v: str(int(v)))
+        elif column in ("label_name", "teacher_prediction_name"):
+            text[column.replace("_", " ")] = values.map(str)
         elif column == "excess":
             text["excess"] = values.map(lambda v: fmt.signed(100 * v, 3) + " pts")
         elif column == "extra_copies":

@@ -20,6 +20,7 @@ from kdaudit.conditions import is_treatment, order
 
 KEYS = ["teacher_seed", "example", "label", "teacher_prediction"]
 PAIR_KEYS = ["teacher_seed", "label", "teacher_prediction"]
+NAMES = ["label_name", "teacher_prediction_name"]  # when the data names its labels
 DERIVED = ("treatment_max", "control_max", "excess")
 
 
@@ -46,12 +47,13 @@ def copied_errors(copied: pd.DataFrame) -> pd.DataFrame:
     if copied.empty:
         return pd.DataFrame(columns=[*KEYS, "treatment_max", "control_max", "excess"])
     show_t = copied.loc[copied["condition"].map(is_treatment), "temperature"].nunique() > 1
+    keys = [k for k in (*KEYS, *NAMES) if k in copied.columns]
     keyed = copied.assign(column=[
         rate_column(c, a, t, w, show_t)
         for c, a, t, w in copied[["condition", "alpha", "temperature", "width"]].itertuples(
             index=False)
     ])  # fmt: skip
-    wide = keyed.pivot_table(index=KEYS, columns="column", values="copy_rate", sort=False)
+    wide = keyed.pivot_table(index=keys, columns="column", values="copy_rate", sort=False)
     columns = _ordered_columns(keyed)
     wide = wide[columns]
     wide = _with_excess(wide, columns).reset_index()
@@ -66,8 +68,9 @@ def copied_class_pairs(errors: pd.DataFrame) -> pd.DataFrame:
     each copy-rate column averaged over them, sorted by extra_copies."""
     if errors.empty:
         return pd.DataFrame(columns=[*PAIR_KEYS, "n_examples", "excess"])
-    rates = [c for c in errors.columns if c not in (*KEYS, *DERIVED)]
-    grouped = errors.groupby(PAIR_KEYS, sort=True)
+    rates = [c for c in errors.columns if c not in (*KEYS, *NAMES, *DERIVED)]
+    keys = [*PAIR_KEYS, *(k for k in NAMES if k in errors.columns)]
+    grouped = errors.groupby(keys, sort=True)
     pairs = grouped[rates].mean()
     pairs.insert(0, "n_examples", grouped.size())
     pairs = _with_excess(pairs, rates)

@@ -11,6 +11,7 @@ The test labels come from the data once and are kept in the run directory
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from kdaudit.store import RunStore, atomic_save_array
 from kdaudit.store.tables import students_test_logits
 
 TEST_LABELS = "test_labels.npy"
+LABEL_NAMES = "label_names.json"  # beside it, when the data names its labels
+VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t"}
 COPIED_COLUMNS = ["teacher_seed", "example", "label", "teacher_prediction", "condition"]
 COPIED_COLUMNS += ["alpha", "temperature", "width", "n_runs", "copy_rate"]
 
@@ -39,14 +42,34 @@ def load_test_labels(out: str | Path, cfg, data_dir=None) -> np.ndarray | None:
     except (DatasetMissing, FileNotFoundError):
         return None
     labels = data.labels("test").cpu().numpy().astype(np.int64).reshape(-1)
+    names = label_names(data)
+    if names is not None:
+        (Path(out) / LABEL_NAMES).write_text(json.dumps(names, ensure_ascii=False))
     atomic_save_array(path, labels)
     return labels
 
 
-def copied_predictions(out: str | Path, grid: Grid, labels: np.ndarray) -> pd.DataFrame:
+def label_names(data) -> list[str] | None:
+    """The names of the label ids: a text dataset's characters (whitespace made visible),
+    else the dataset's class names; None when it has neither."""
+    vocab = getattr(data, "vocab", None)
+    if isinstance(vocab, str):
+        return [VISIBLE.get(c, c) for c in vocab]
+    names = getattr(data, "class_names", None)
+    return list(names) if names else None
+
+
+def stored_label_names(out: str | Path) -> list[str] | None:
+    path = Path(out) / LABEL_NAMES
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def copied_predictions(
+    out: str | Path, grid: Grid, labels: np.ndarray, names: list[str] | None = None
+) -> pd.DataFrame:
     """Per teacher seed, teacher-incorrect test example and condition key (condition, alpha,
     T, width): how many complete runs there are and the share that predicted the teacher's
-    wrong class (COPIED_COLUMNS)."""
+    wrong class (COPIED_COLUMNS; with `names`, also label_name and teacher_prediction_name)."""
     store = RunStore(out)
     labels = np.asarray(labels).reshape(-1)
     frames = []
@@ -78,7 +101,12 @@ def copied_predictions(out: str | Path, grid: Grid, labels: np.ndarray) -> pd.Da
             }))  # fmt: skip
     if not frames:
         return pd.DataFrame(columns=COPIED_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[COPIED_COLUMNS]
+    copied = pd.concat(frames, ignore_index=True)[COPIED_COLUMNS]
+    if names is None:
+        return copied
+    lookup = np.asarray(names, dtype=object)
+    return copied.assign(label_name=lookup[copied["label"].to_numpy()],
+                         teacher_prediction_name=lookup[copied["teacher_prediction"].to_numpy()])  # fmt: skip
 
 
 def _float(x) -> float:
