@@ -261,7 +261,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML:{where} {problem}; check the indentation "
+                          "and the brackets there") from None  # fmt: skip
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; give a YAML config") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw.setdefault("name", path.stem)

@@ -86,3 +86,14 @@ def test_data_dir_comes_from_the_flag_else_the_config(tiny_config, tmp_path, mon
     api.run(tiny_config, tmp_path / "b", overrides=[f"data_dir={from_config}"], data_dir="flag")
     api.run(tiny_config, tmp_path / "c")
     assert seen == [str(from_config), "flag", None]
+
+
+def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ntrain:\n  epochs: [1, 2\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML: line \d+, column \d+"):
+        load_config(path)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x81\xff")
+    with pytest.raises(ConfigError, match="weights.yaml: not a text file"):
+        load_config(binary)
