@@ -247,10 +247,12 @@ def test_an_unwritable_cache_is_a_warning_not_an_error(tmp_path, monkeypatch):
     assert data.train_x.shape[0] > 0
 
 
-def test_unreadable_wav_is_named(tmp_path):
+@pytest.mark.parametrize("damage", ["not a wav", "truncated header"])
+def test_unreadable_wav_is_named(tmp_path, damage):
     write_fsdd(tmp_path)
-    (tmp_path / "fsdd" / "recordings" / "3_jackson_2.wav").write_bytes(b"not a wav file")
-    with pytest.raises(DatasetMissing, match="3_jackson_2.wav"):
+    path = tmp_path / "fsdd" / "recordings" / "3_jackson_2.wav"
+    path.write_bytes(b"not a wav file" if damage == "not a wav" else path.read_bytes()[:30])
+    with pytest.raises(DatasetMissing, match="3_jackson_2.wav is not a readable wav file"):
         build(FSDDConfig(n_files=70), tmp_path)
 
 

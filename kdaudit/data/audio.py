@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -190,7 +191,7 @@ def compute_features(paths: list[Path], settings: LogMel) -> np.ndarray:
 def _load(path: Path, settings: LogMel) -> np.ndarray:
     try:
         return load_clip(path, settings)
-    except (ValueError, OSError, EOFError) as err:
+    except (ValueError, OSError, EOFError, struct.error) as err:
         raise DatasetMissing(
             f"{path} is not a readable wav file ({err}); replace it with the original"
         ) from err
