@@ -87,8 +87,9 @@ def targeted_counts(out: str | Path, grid: Grid, tokens, vocab: str, prompt: str
 
 
 def students_test_logits(store: RunStore, spec):
-    """A complete run's test logits on the students' test data, or None."""
-    if not store.is_complete(spec.run_id):
+    """An intact run's test logits on the students' test data, or None (a damaged run is
+    left out, as in load_runs)."""
+    if not _intact(store, spec.run_id):
         return None
     if spec.is_teacher and spec.students_data is not None:
         if not store.has_array(spec.run_id, STUDENTS_TEST_LOGITS):
