@@ -256,7 +256,7 @@ def error_cases(audit, tmp_path):
         "nan teacher": (r"nan.npy \(manifest line 3, teacher_t0\): .*first bad row is 17 .*index \(17,\)",
                         [rows[0], "teacher,,,0,,nan.npy", *rows[2:]]),
         "integer logits": (r"logits have dtype torch.int64", plus("kd,0.9,1,10,0,int.npy")),
-        "unknown role": (r"unknown role 'kdd'; roles are labels, teacher, disdo, fmkd, fmrc, kd, ls, rcd, siddo",
+        "unknown role": (r"unknown role 'kdd'; roles are labels, teacher, disdo, fmkd, fmrc, kd, kd_confidence, kd_corrected, kd_masked, ls, rcd, siddo",
                          plus("kdd,0.5,1,13,0,teacher.npy")),
         "missing file": (rf"manifest line {line}: file not found: .*missing.npy",
                          plus("kd,0.5,1,13,0,missing.npy")),

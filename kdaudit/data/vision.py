@@ -253,14 +253,25 @@ def _decode_images(blobs, size: int, labels: list[int]) -> tuple[np.ndarray, np.
 
 def _cached_decode(source: Path, settings: dict, decode):
     """Decoding JPEGs takes minutes: keep the arrays in the cache directory, keyed by the
-    source's name and size and the settings."""
-    size = source.stat().st_size if source.is_file() else None
-    key = key_of({"source": source.name, "size": size, **settings}, 12)
+    source (its name and the sizes and modification times of its files) and the settings."""
+    key = key_of({"source": source.name, "files": _fingerprint(source), **settings}, 12)
 
     def compute():
         return _pack(*decode(source, settings))
 
     return _unpack(cached_arrays("images", f"{source.stem}-decoded-{key}", compute))
+
+
+def _fingerprint(source: Path) -> list[int]:
+    """[files, total bytes, latest mtime in ns] of a file or of every file under a folder:
+    another archive or folder under the same name gets another cache entry."""
+    paths = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    stats = [p.stat() for p in paths]
+    return [
+        len(stats),
+        sum(s.st_size for s in stats),
+        max((s.st_mtime_ns for s in stats), default=0),
+    ]
 
 
 def _pack(train, test) -> dict:
