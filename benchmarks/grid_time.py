@@ -1,7 +1,8 @@
 """Wall time of a whole audit grid: kdaudit's engine against a plain PyTorch loop, same run.
 
     python benchmarks/grid_time.py [--config configs/mnist1d.yaml] [--students N]
-        [--workers N] [--stack N] [--no-plain] [--device cpu|cuda] [--set key=value]...
+        [--workers N] [--stack N] [--no-plain] [--side plain|engine] [--device cpu|cuda]
+        [--set key=value]...
 
 By default the engine side is what `kdaudit run` (and `make run`) does: `run_grid` with the
 default executor, into a fresh store, so as many worker processes as the machine has cores
@@ -9,7 +10,8 @@ default executor, into a fresh store, so as many worker processes as the machine
 data) trains the same runs, teachers first, from the same seeds, data and hyperparameters,
 in as many processes, one torch thread each. `--workers N` sets both; `--stack N` stacks
 the engine's runs (one process, so one for the plain side too); `--no-plain` compares
-`--stack N` with one run at a time instead (any modality, text included).
+`--stack N` with one run at a time instead (any modality, text included). `--side` runs one
+side alone, for a whole-process timer that alternates the two on a noisy machine.
 
 Both sides must agree: per condition, the mean test accuracy and functional metrics within
 TOLERANCE. Each side's figure is its wall time, and the training FLOPs of the grid (counted
@@ -128,6 +130,14 @@ def _plain_run(job) -> tuple[torch.Tensor, dict | None]:
     return plain_logits(model, data.test_x), weights
 
 
+def one_side(side: str, cfg, options: ExecutorConfig, processes: int, device: str) -> None:
+    if side == "plain":
+        seconds, _ = plain_side(cfg, device, processes)
+    else:
+        seconds, _ = engine_side(cfg, options, device)
+    print(f"{side}, {processes} processes: {seconds:.1f} s; load average {os.getloadavg()[0]:.2f}")
+
+
 def grid_flops(cfg) -> float:
     """Training FLOPs of every run of the grid: forward and backward per example, counted by
     torch from the model's operators, times the examples each run trains on."""
@@ -177,6 +187,7 @@ def main() -> None:
     p.add_argument("--stack", type=int, default=1, help="engine --stack (default 1)")
     p.add_argument("--no-plain", action="store_true",
                    help="no plain loop: compare --stack N with --stack 1 (any modality)")  # fmt: skip
+    p.add_argument("--side", choices=("plain", "engine"), help="run this side only")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
@@ -187,6 +198,9 @@ def main() -> None:
     options = ExecutorConfig(workers=args.workers, stack=args.stack)
     ctx = RunContext("", str(resolve_device(args.device)), 1, None, "")
     processes = local_workers(grid.runs, ctx, options)
+    if args.side:
+        one_side(args.side, cfg, options, processes, args.device)
+        return
     flops = grid_flops(cfg)
     peaks = [machine_peak(args.device)]
     print(f"grid {cfg.name}: {len(grid.runs)} runs, {flops / 1e12:.2f} TFLOP of training "
