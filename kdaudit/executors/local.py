@@ -71,7 +71,8 @@ def run_here(
 
 def local_workers(todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig) -> int:
     """Runs at once: `workers` if given; else one per core (`threads` cores each) on the CPU
-    or one per GPU, at most one per run; 1 for stacking and for objects held in memory."""
+    or one per GPU, at most one per run; 1 for stacking, objects held in memory and grids
+    of fewer than POOL_MIN_STEPS steps."""
     if options.workers is not None:
         return options.workers
     if options.stack > 1 or not all(travels(spec) for spec in todo):
