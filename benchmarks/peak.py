@@ -15,10 +15,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def matmul_peak(device: str = "cpu", threads: int | None = None, size: int = 2048,
+def matmul_peak(device: str = "cpu", threads: int | None = None, size: int = 1024,
                 seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
     """FLOP/s of the fastest of repeated (size x size) @ (size x size) multiplies over about
-    `seconds`; on the CPU with `threads` torch threads (None: one per core)."""
+    `seconds`; on the CPU with `threads` torch threads (None: one per core). The default
+    size takes tens of milliseconds on one core, short enough that on a busy machine some
+    multiply runs undisturbed, as a benchmark's shortest timings do; even so, a peak taken
+    while others load the machine is low, and a fraction of it can exceed 100%."""
     before = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(threads or cpu_count())
