@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 FLAGS = {
-    "sequential": [],
+    "sequential": ["--workers", "1"],
     "workers": ["--workers", "{workers}"],
     "ray": ["--executor", "ray", "--workers", "{workers}"],
 }

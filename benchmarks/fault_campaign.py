@@ -35,7 +35,11 @@ from kdaudit.store import RunStore
 
 SMALL = ["data.n_train=2000", "data.n_test=500", "train.epochs=8",
          "protocol.student_seeds=[10, 11, 12]"]  # fmt: skip
-FLAGS = {"sequential": [], "workers": ["--workers", "2"], "ray": ["--executor", "ray"]}
+FLAGS = {
+    "sequential": ["--workers", "1"],
+    "workers": ["--workers", "2"],
+    "ray": ["--executor", "ray"],
+}
 
 
 def intact(out: Path) -> dict[str, str]:

@@ -10,8 +10,10 @@ with KD from cached teacher logits; `--stack K`: K models at once with kdaudit.e
 where the model allows) and the plain loop of benchmarks/plain_loop.py (DataLoader,
 loss.item() per step, default Adam, a teacher forward per batch). Language models train
 on plain next-token cross-entropy on both sides. Reported: examples (tokens, for nanogpt)
-per second, and on a GPU the model FLOP utilisation (FLOPs per step counted once with
-torch's FlopCounterMode, over the device's peak). The ratios engine / plain come last.
+per second, and the engine's model FLOP utilisation: FLOPs per step counted once with
+torch's FlopCounterMode, over the peak of a large matmul measured in this run, in the run's
+precision (CPU: one thread, as the executors give each run). The ratios engine / plain
+come last.
 The default sizes take seconds per model on a CPU; --gpu-scale uses the paper's sizes.
 """
 
@@ -31,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.peak import machine_peak, matmul_peak  # noqa: E402
 from benchmarks.plain_loop import plain_loss  # noqa: E402
 from kdaudit.conditions.objectives import build_objective  # noqa: E402
 from kdaudit.config import TrainConfig  # noqa: E402
@@ -43,9 +46,6 @@ from kdaudit.models.audio import AudioCNNConfig  # noqa: E402
 from kdaudit.models.gpt import GPTConfig  # noqa: E402
 from kdaudit.models.mlp import MLPConfig  # noqa: E402
 from kdaudit.models.vision import CNNConfig, ResNetConfig  # noqa: E402
-
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 @dataclass(frozen=True)
@@ -176,13 +176,14 @@ def flops_per_example(case: Case, data) -> float:
     return counter.get_total_flops() / per
 
 
-def peak_flops(device: str, override: float | None) -> float | None:
+def peak_flops(device: str, precision: str, override: float | None) -> float:
+    """The peak MFU is measured against: a large matmul now, one thread on the CPU."""
     if override:
         return override * 1e12
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if device == "cpu":
+        return matmul_peak("cpu", threads=1)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return machine_peak(device, dtype)
 
 
 def main() -> None:
@@ -196,14 +197,15 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: by name)")
+    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: measured now)")
     args = p.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)  # as the executors run each run
     wanted = args.models.split(",")
-    peak = peak_flops(args.device, args.peak_tflops)
+    peak = peak_flops(args.device, args.precision, args.peak_tflops)
     load = os.getloadavg()[0]
-    print(f"device {args.device}; load average {load:.2f}; {args.steps} timed steps per side")
+    print(f"device {args.device}; load average {load:.2f}; {args.steps} timed steps per side; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
     print(f"{'model':10s} {'unit':7s} {'plain/s':>10s} {'engine/s':>10s} {'stacked/s':>10s} MFU")
     ratios = []
     for case in (c for c in cases(args.gpu_scale) if c.name in wanted):
@@ -213,15 +215,15 @@ def main() -> None:
         stacked = (
             stacked_rate(case, data, args.steps, args.warm, args.stack) if args.stack else None
         )
-        mfu = "n/a" if peak is None else f"{engine * flops_per_example(case, data) / peak:.1%}"
+        mfu = f"{engine * flops_per_example(case, data) / peak:.1%}"
         unit = "tokens" if case.tokens else "examples"
         st = f"{stacked:10.0f}" if stacked else f"{'-':>10s}"
         print(f"{case.name:10s} {unit:7s} {plain:10.0f} {engine:10.0f} {st} {mfu}")
-        ratios.append((case.name, engine / plain, stacked / plain if stacked else None))
+        ratios.append((case.name, engine / plain, stacked / plain if stacked else None, mfu))
     print(f"load average {os.getloadavg()[0]:.2f} at end")
-    for name, engine, stacked in ratios:
+    for name, engine, stacked, mfu in ratios:
         extra = f", stacked x{args.stack} / plain {stacked:.2f}x" if stacked else ""
-        print(f"ratio {name}: engine / plain {engine:.2f}x{extra}")
+        print(f"ratio {name}: engine / plain {engine:.2f}x{extra}; engine {mfu} of peak")
 
 
 if __name__ == "__main__":

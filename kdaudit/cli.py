@@ -42,8 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="a registered executor: local (this machine, the default) or ray "
                           "(a Ray cluster)")  # fmt: skip
     run.add_argument("--workers", type=int, metavar="N",
-                     help="runs at once: local worker processes (default 1, in this process); "
-                          "ray: CPUs of the local cluster in runs (default: all cores)")  # fmt: skip
+                     help="runs at once: local worker processes (default: one per CPU core, "
+                          "or per GPU; 1: one at a time in this process, bitwise the same "
+                          "results); ray: CPUs of the local cluster in runs (default: all "
+                          "cores)")  # fmt: skip
     run.add_argument("--threads", type=int, default=1, metavar="N",
                      help="torch CPU threads per run (default 1; CPU results are bitwise "
                           "reproducible for a fixed value)")  # fmt: skip

@@ -167,7 +167,9 @@ def test_the_cli_audits_factories_named_in_a_config(tmp_path, user_module):
 
     student = {"factory": f"{user_module}:make", "kwargs": {"width": 4}}
     path = _user_config(tmp_path, user_module, protocol={"student_model": student})
-    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    # one at a time in this process (--workers 1), where SEEDS records the factory's calls
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--workers", "1"]) == 0  # fmt: skip
     seeds = importlib.import_module(user_module).SEEDS
     assert (0, 16) in seeds  # the teacher: fn(seed, **kwargs) with its init seed
     assert {(10, 4), (11, 4)} <= set(seeds)  # smaller students: init seed = student seed

@@ -1,8 +1,9 @@
 """Executors run the grid of paired runs into a store; they differ only in where runs execute.
 Each is registered by name in `EXECUTORS` (kdaudit.executors.core):
 
-    local             one run at a time, in this process (the default)
-    local, workers=N  N spawned worker processes on this machine, one GPU each if several
+    local             worker processes on this machine, as many as it has cores (CPU, one
+                      torch thread each) or GPUs (the default)
+    local, workers=N  N worker processes (workers=1: one run at a time, in this process)
     local, stack=N    in this process, N runs at a time trained as one stacked model
     ray               one Ray task per run on a local or existing cluster
 
@@ -74,7 +75,8 @@ def run_local(
     reporter: Reporter | None = None,
     workers: int | None = None,
 ) -> GridOutcome:
-    """`run_grid` with the local executor: sequential, or `workers` processes."""
+    """`run_grid` with the local executor: `workers` processes (None: the machine's;
+    1: one run at a time in this process)."""
     return run_grid(cfg, out, ExecutorConfig("local", workers=workers), device, data_dir,
                     retry_failed, reporter)  # fmt: skip
 

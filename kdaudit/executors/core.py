@@ -40,7 +40,8 @@ class ExecutorConfig:
     and `stack` > 1 (stacked runs equal runs alone up to rounding: kdaudit.engine.stacking)."""
 
     name: str = "local"  # local | ray
-    workers: int | None = None  # runs at once: local processes (None = 1, in this process);
+    workers: int | None = None  # runs at once: local processes (None = the machine's: one
+    # per core / threads on the CPU, one per GPU; 1 runs in this process);
     # ray: CPUs of the local cluster in units of runs (None = all cores / threads)
     threads: int = 1  # torch intra-op CPU threads per run (and the CPUs a Ray task asks for)
     address: str | None = None  # ray: an existing cluster; None starts a local one

@@ -1,4 +1,10 @@
-"""The local executor: runs one by one in this process, or in N worker processes.
+"""The local executor: runs in N worker processes, or one by one in this process.
+
+How many at once (`local_workers`): `workers` when given, else what the machine has: on the
+CPU one worker per core, each with `threads` torch threads (1: CPU results are bitwise the
+same as one run at a time in this process), on GPUs one worker per GPU; one (this process)
+for stacking, on one GPU, for a grid of objects that exist in this process only, and for a
+grid too small to pay for starting workers (POOL_MIN_STEPS).
 
 Workers are forked from a fork server (never from this process, whose threads make fork
 unsafe); each has `threads` torch threads and, on a machine with several GPUs, its own GPU
@@ -22,6 +28,7 @@ from dataclasses import replace
 
 import torch
 
+from kdaudit.engine.loop import total_steps
 from kdaudit.executors.core import (
     EXECUTORS,
     ExecutorConfig,
@@ -29,29 +36,67 @@ from kdaudit.executors.core import (
     RunResult,
     attempt,
     blocked,
+    cpu_count,
     release_worker_state,
     system_failure,
     teacher_ready,
 )
-from kdaudit.executors.progress import Reporter
+from kdaudit.executors.progress import Lanes, LaneWriter, Reporter
 from kdaudit.protocol import RunSpec
 from kdaudit.store import RunStore
+
+SHOW_EVERY = 0.25  # seconds between reads of the workers' progress
+# Fewer training steps than this (all runs to do, where their configs tell) run in this
+# process: starting workers (a fork server that imports torch) takes seconds, about what
+# 5,000 steps of a small MLP take on one core.
+POOL_MIN_STEPS = 5000
 
 
 @EXECUTORS.register("local")
 def run_here(
     todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig, reporter: Reporter
 ) -> None:
-    """This machine: in this process one run at a time (or `stack` at a time), or in
-    `workers` worker processes."""
-    if (options.workers or 1) > 1:
-        run_pool(todo, ctx, options, reporter)
+    """This machine: in worker processes, or in this process one run at a time (or `stack`
+    at a time)."""
+    workers = local_workers(todo, ctx, options)
+    if workers > 1:
+        run_pool(todo, ctx, replace(options, workers=workers), reporter)
     elif options.stack > 1:
         from kdaudit.executors.local_stack import run_stacked
 
         run_stacked(todo, ctx, options.stack, reporter)
     else:
         run_sequential(todo, ctx, reporter)
+
+
+def local_workers(todo: list[RunSpec], ctx: RunContext, options: ExecutorConfig) -> int:
+    """Runs at once: `workers` if given; else one per core (`threads` cores each) on the CPU
+    or one per GPU, at most one per run; 1 for stacking, objects held in memory and grids
+    of fewer than POOL_MIN_STEPS steps."""
+    if options.workers is not None:
+        return options.workers
+    if options.stack > 1 or not all(travels(spec) for spec in todo):
+        return 1
+    if sum(known_steps(spec) or POOL_MIN_STEPS for spec in todo) < POOL_MIN_STEPS:
+        return 1
+    cpu = ctx.device == "cpu"
+    machine = cpu_count() // options.threads if cpu else len(_devices(ctx.device))
+    return max(1, min(machine, len(todo)))
+
+
+def known_steps(spec: RunSpec) -> int | None:
+    """The run's training steps, where its config tells without loading the data (None)."""
+    n = getattr(spec.data, "n_train", None)
+    if isinstance(n, int) and n > 0:
+        return total_steps(n, spec.train)
+    return spec.train.max_steps or None
+
+
+def travels(spec: RunSpec) -> bool:
+    """Whether a worker process can build the run: not from objects handed to
+    kdaudit.audit(), which exist in this process only (kdaudit.user_code)."""
+    parts = (spec.data, spec.model, spec.students_data)
+    return all(getattr(part, "name", None) != "in_memory" for part in parts)
 
 
 def run_sequential(todo: list[RunSpec], ctx: RunContext, reporter: Reporter) -> None:
@@ -101,14 +146,20 @@ def _ready_and_waiting(todo: list[RunSpec], store: RunStore, reporter: Reporter)
 def _one_pool(queue, waiting, ctx, options, reporter) -> list[RunSpec]:
     """Run the queue (and the students it releases) until done or until a worker dies;
     return the runs the dead pool did not finish."""
-    pool = _new_pool(options.workers, _devices(ctx.device), ctx.threads)
+    mp = _context()
+    lanes = Lanes(options.workers, mp)
+    pool = _new_pool(mp, options.workers, _devices(ctx.device), ctx.threads, lanes)
     futures: dict[Future, RunSpec] = {}
+    numbered: list[RunSpec] = []  # the lanes name runs by their number here
     try:
         while queue or futures:
             while queue:
                 spec = queue.popleft()
-                futures[pool.submit(_attempt_in_worker, spec, ctx)] = spec
-            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                numbered.append(spec)
+                future = pool.submit(_attempt_in_worker, spec, ctx, len(numbered) - 1)
+                futures[future] = spec
+            done, _ = wait(futures, timeout=SHOW_EVERY, return_when=FIRST_COMPLETED)
+            lanes.poll(numbered, reporter)
             if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
                 pool.shutdown(wait=True)  # every future is now done: finished, or lost
                 done = set(futures)
@@ -165,13 +216,12 @@ def _to_retry(lost, in_flight: set, store: RunStore, deaths: Counter, options, w
     return retry
 
 
-def _new_pool(workers: int, devices: list[str], threads: int) -> ProcessPoolExecutor:
-    mp = _context()
+def _new_pool(mp, workers: int, devices: list[str], threads: int, lanes: Lanes):
     slots = mp.SimpleQueue()
-    for i in range(workers):
-        slots.put(devices[i % len(devices)])
+    for i in range(workers):  # (lane, device) of each worker
+        slots.put((i, devices[i % len(devices)]))
     return ProcessPoolExecutor(workers, mp_context=mp, initializer=_start_worker,
-                               initargs=(slots, threads))  # fmt: skip
+                               initargs=(slots, threads, lanes.array))  # fmt: skip
 
 
 def _context():
@@ -193,17 +243,20 @@ def _devices(device: str) -> list[str]:
 
 
 _WORKER_DEVICE: str | None = None
+_LANE: LaneWriter | None = None
 
 
-def _start_worker(slots, threads: int) -> None:
-    global _WORKER_DEVICE
+def _start_worker(slots, threads: int, lanes) -> None:
+    global _WORKER_DEVICE, _LANE
     _die_with_parent()
-    _WORKER_DEVICE = slots.get()
+    lane, _WORKER_DEVICE = slots.get()
+    _LANE = LaneWriter(lanes, lane)
     torch.set_num_threads(threads)
 
 
-def _attempt_in_worker(spec: RunSpec, ctx: RunContext) -> RunResult:
-    return attempt(spec, replace(ctx, device=_WORKER_DEVICE or ctx.device))
+def _attempt_in_worker(spec: RunSpec, ctx: RunContext, number: int) -> RunResult:
+    _LANE.number = number
+    return attempt(spec, replace(ctx, device=_WORKER_DEVICE or ctx.device), _LANE)
 
 
 def _die_with_parent() -> None:

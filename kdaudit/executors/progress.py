@@ -1,7 +1,16 @@
-"""Progress reporting for a grid: runs done of total with ETA, the current run's step and loss."""
+"""Progress reporting for a grid: runs done of total with ETA, and each run in training
+(one line per worker process) with its step and loss.
+
+A run in this process reports its steps straight to the reporter. A worker process writes
+its run's progress into its lane of a shared array (`Lanes`: no lock, no queue, so a worker
+killed mid-write blocks nobody), which the executor reads while it waits for results.
+"""
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import time
 from typing import Protocol
 
 import torch
@@ -18,22 +27,26 @@ from rich.progress import (
 
 class Reporter(Protocol):
     def start_grid(self, total: int, done: int, todo: int) -> None: ...
-    def start_run(self, spec, steps: int) -> None: ...
+    def start_run(self, spec, steps: int, lane: int = 0) -> None: ...
     def step(self, step: int, idx: torch.Tensor, loss: torch.Tensor) -> None: ...
+    def show(self, lane: int, step: int, loss: float) -> None: ...
     def end_run(self, spec, status: str) -> None: ...
     def end_grid(self) -> None: ...
 
 
 class NullReporter:
     def start_grid(self, total, done, todo): ...
-    def start_run(self, spec, steps): ...
+    def start_run(self, spec, steps, lane=0): ...
     def step(self, step, idx, loss): ...
+    def show(self, lane, step, loss): ...
     def end_run(self, spec, status): ...
     def end_grid(self): ...
 
 
 class RichReporter:
-    """A rich display; the loss is read (a device sync) only every `every` steps."""
+    """A rich display: the grid's bar and one line per run in training (its lane: this
+    process, or a worker process). A run in this process has its loss read (a device sync)
+    only every `every` steps."""
 
     def __init__(self, console: Console | None = None, every: int = 25):
         self.console = console or Console(stderr=True)
@@ -43,24 +56,31 @@ class RichReporter:
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=False,
         )  # fmt: skip
-        self.grid_task = self.run_task = None
-        self.label = ""
+        self.grid_task = None
+        self.lanes: dict[int, tuple[int, str]] = {}  # lane -> (task id, run label)
 
     def start_grid(self, total: int, done: int, todo: int) -> None:
         self.console.print(f"grid: {total} runs, {done} already complete, {todo} to run")
         self.progress.start()
         self.grid_task = self.progress.add_task("runs", total=todo)
 
-    def start_run(self, spec, steps: int) -> None:
-        if self.run_task is not None:
-            self.progress.remove_task(self.run_task)
-        self.label = f"  {spec.label}"
-        self.run_task = self.progress.add_task(self.label, total=steps)
+    def start_run(self, spec, steps: int, lane: int = 0) -> None:
+        label = f"  {spec.label}"
+        if lane in self.lanes:  # the lane's line shows its new run, in place
+            task = self.lanes[lane][0]
+            self.progress.reset(task, total=steps, description=label)
+        else:
+            task = self.progress.add_task(label, total=steps)
+        self.lanes[lane] = (task, label)
 
     def step(self, step: int, idx: torch.Tensor, loss: torch.Tensor) -> None:
         if step % self.every == 0:
-            desc = f"{self.label} loss {loss.item():.4f}"
-            self.progress.update(self.run_task, completed=step + 1, description=desc)
+            self.show(0, step, loss.item())
+
+    def show(self, lane: int, step: int, loss: float) -> None:
+        task, label = self.lanes[lane]
+        desc = label if math.isnan(loss) else f"{label} loss {loss:.4f}"
+        self.progress.update(task, completed=step + 1, description=desc)
 
     def end_run(self, spec, status: str) -> None:
         if status != "complete":
@@ -68,6 +88,65 @@ class RichReporter:
         self.progress.advance(self.grid_task)
 
     def end_grid(self) -> None:
-        if self.run_task is not None:
-            self.progress.remove_task(self.run_task)
+        for task, _ in self.lanes.values():
+            self.progress.remove_task(task)
+        self.lanes.clear()
         self.progress.stop()
+
+
+# A lane: (number of the run in the executor's list, step, steps, loss); -1 = no run yet.
+_FIELDS = 4
+
+
+class Lanes:
+    """Shared progress of N worker processes, one lane each; made by the executor and
+    handed to its workers when they start (`writer`), read by the executor (`poll`)."""
+
+    def __init__(self, n: int, mp=multiprocessing):
+        self.array = mp.RawArray("d", [-1.0] * (_FIELDS * n))
+        self.n = n
+        self.seen = [(-1, -1)] * n  # (run number, step) last shown per lane
+
+    def writer(self, lane: int) -> LaneWriter:
+        return LaneWriter(self.array, lane)
+
+    def poll(self, runs: list, reporter: Reporter) -> None:
+        """Show each lane's run and step if they moved since the last poll; `runs`: the
+        executor's list of runs, which the lanes name by number."""
+        for lane in range(self.n):
+            number, step, steps, loss = self.array[lane * _FIELDS : (lane + 1) * _FIELDS]
+            number, step = int(number), int(step)
+            if number < 0 or (number, step) == self.seen[lane]:
+                continue
+            if number != self.seen[lane][0]:
+                reporter.start_run(runs[number], int(steps), lane)
+            if step >= 0:
+                reporter.show(lane, step, loss)
+            self.seen[lane] = (number, step)
+
+
+class LaneWriter:
+    """A worker's reporter: writes its run's progress into its lane. The loss is read (a
+    device sync) at most every `every` seconds."""
+
+    def __init__(self, array, lane: int, every: float = 0.5):
+        self.array, self.base, self.every = array, lane * _FIELDS, every
+        self.number, self.read_at = -1, 0.0
+
+    def start_grid(self, total, done, todo): ...
+
+    def start_run(self, spec, steps: int, lane: int = 0) -> None:
+        b = self.base
+        self.array[b + 1], self.array[b + 2], self.array[b + 3] = -1.0, steps, math.nan
+        self.array[b] = self.number  # last: a reader never pairs this run with the last's step
+
+    def step(self, step: int, idx: torch.Tensor, loss: torch.Tensor) -> None:
+        now = time.monotonic()
+        if now - self.read_at >= self.every:
+            self.read_at = now
+            self.array[self.base + 3] = loss.item()
+        self.array[self.base + 1] = step
+
+    def show(self, lane, step, loss): ...
+    def end_run(self, spec, status): ...
+    def end_grid(self): ...

@@ -1,0 +1,141 @@
+"""Using the whole machine by default: how many worker processes the local executor starts,
+their progress display, the optimizer step without torch.optim's bookkeeping, and the
+default grid's results against one run at a time, bit for bit."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kdaudit.config import TrainConfig, load_config
+from kdaudit.engine.loop import Update, make_optimizer, make_schedule
+from kdaudit.executors import ExecutorConfig, run_grid
+from kdaudit.executors.core import RunContext, cpu_count
+from kdaudit.executors.local import POOL_MIN_STEPS, local_workers
+from kdaudit.executors.progress import Lanes
+from kdaudit.protocol import expand
+from kdaudit.store import RunStore
+from tests.fault_helpers import assert_same_runs
+
+# the tiny grid trained for enough steps that the default starts worker processes
+BIG = ["train.epochs=200"]
+
+
+def _ctx(device="cpu") -> RunContext:
+    return RunContext(out="out", device=device, threads=1, data_dir=None, grid_token="t")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_direct_fused_step_equals_torch_optim_bit_for_bit(optimizer, schedule):
+    cfg = TrainConfig(optimizer=optimizer, schedule=schedule, lr=0.01, weight_decay=0.1)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    params = {}
+    for direct in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        opt = make_optimizer(model.parameters(), cfg)
+        sched, update = make_schedule(opt, cfg, 30), Update(opt)
+        assert update.kernel is not None  # make_optimizer's Adam is fused: the direct path
+        for step in range(30):
+            loss = torch.nn.functional.cross_entropy(model(x[step % 4 :: 4]), y[step % 4 :: 4])
+            if direct:
+                update.zero_grad()
+                loss.backward()
+                update.step()
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if sched is not None:
+                sched.step()
+        params[direct] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(params[False], params[True], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(params[True][0], torch.zeros_like(params[True][0]))
+
+
+def test_an_optimizer_the_kernel_does_not_cover_steps_through_torch_optim():
+    p = torch.nn.Parameter(torch.ones(3))
+    assert Update(torch.optim.SGD([p], 0.1)).kernel is None
+    assert Update(torch.optim.Adam([p], 0.1, amsgrad=True, fused=True)).kernel is None
+    assert Update(torch.optim.Adam([p], 0.1)).kernel is None  # not fused
+
+
+def test_the_default_is_one_worker_per_core_and_workers_1_runs_here(tiny_config):
+    cfg = load_config(tiny_config, BIG)
+    todo = expand(cfg).runs
+    assert local_workers(todo, _ctx(), ExecutorConfig()) == min(cpu_count(), len(todo))
+    assert local_workers(todo, _ctx(), ExecutorConfig(workers=1)) == 1
+    assert local_workers(todo, _ctx(), ExecutorConfig(workers=3)) == 3
+    assert local_workers(todo, _ctx(), ExecutorConfig(threads=cpu_count())) == 1
+    assert local_workers(todo, _ctx(), ExecutorConfig(stack=4)) == 1
+    assert local_workers(todo[:1], _ctx(), ExecutorConfig()) == 1  # never more than the runs
+
+
+def test_small_grids_and_objects_in_memory_run_in_this_process(tiny_config):
+    tiny = expand(load_config(tiny_config)).runs  # 7 runs of 20 steps
+    assert sum(s.train.epochs * 10 for s in tiny) < POOL_MIN_STEPS
+    assert local_workers(tiny, _ctx(), ExecutorConfig()) == 1
+    big = expand(load_config(tiny_config, BIG)).runs
+    in_memory = [replace(s, model=replace(s.model, name="in_memory")) for s in big]
+    assert local_workers(in_memory, _ctx(), ExecutorConfig()) == 1
+
+
+def test_one_worker_per_gpu(tiny_config, monkeypatch):
+    todo = expand(load_config(tiny_config, BIG)).runs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert local_workers(todo, _ctx("cuda"), ExecutorConfig()) == 3
+    assert local_workers(todo, _ctx("cuda:1"), ExecutorConfig()) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_workers(todo, _ctx("cuda"), ExecutorConfig()) == 1
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def start_run(self, spec, steps, lane=0):
+        self.calls.append(("start", lane, spec, steps))
+
+    def show(self, lane, step, loss):
+        self.calls.append(("show", lane, step, loss))
+
+
+def test_each_worker_s_run_reaches_the_display_through_its_lane():
+    lanes, shown = Lanes(2), Recorder()
+    runs = ["run a", "run b", "run c"]
+    first, second = lanes.writer(0), lanes.writer(1)
+    first.number, second.number = 0, 2
+    first.start_run(runs[0], 100)
+    second.start_run(runs[2], 50)
+    first.step(9, None, torch.tensor(1.5))
+    lanes.poll(runs, shown)
+    assert shown.calls[0] == ("start", 0, "run a", 100)
+    assert shown.calls[1] == ("show", 0, 9, 1.5)
+    assert shown.calls[2] == ("start", 1, "run c", 50)  # started, no step yet
+    lanes.poll(runs, shown)
+    assert len(shown.calls) == 3  # nothing moved: nothing shown again
+    first.number = 1
+    first.start_run(runs[1], 80)
+    first.step(0, None, torch.tensor(2.0))
+    lanes.poll(runs, shown)
+    assert shown.calls[3] == ("start", 0, "run b", 80)
+    assert shown.calls[4][:3] == ("show", 0, 0)
+
+
+@pytest.mark.slow
+def test_the_default_stores_the_same_runs_as_one_at_a_time_bit_for_bit(tiny_config, tmp_path):
+    cfg = load_config(tiny_config, BIG)
+    shown = Recorder()
+    shown.start_grid = shown.end_grid = lambda *a: None
+    shown.end_run = lambda spec, status: shown.calls.append(("end", spec.run_id, status))
+    default = run_grid(cfg, tmp_path / "default", ExecutorConfig(), "cpu", reporter=shown)
+    alone = run_grid(cfg, tmp_path / "alone", ExecutorConfig(workers=1), "cpu")
+    assert default.completed == alone.completed == 7 and not default.failed
+    assert_same_runs(expand(cfg), tmp_path / "alone", tmp_path / "default")
+    records = [RunStore(tmp_path / "default").record(s.run_id) for s in expand(cfg).runs]
+    assert {r["torch_threads"] for r in records} == {1}
+    if cpu_count() > 1:  # several workers ran, and the display showed each one's runs
+        assert {c[1] for c in shown.calls if c[0] == "start"} == set(range(min(cpu_count(), 7)))
+    assert sum(c[0] == "end" for c in shown.calls) == 7
