@@ -36,7 +36,7 @@ from kdaudit.data import DATASETS, load_data
 from kdaudit.engine.loop import train
 from kdaudit.engine.run import build_run, execute
 from kdaudit.engine.teachers import Teachers
-from kdaudit.metrics import METRICS, functional_metrics, functional_similarity
+from kdaudit.metrics import METRICS, TopK, functional_metrics, functional_similarity
 from kdaudit.metrics.streaming import ACCUMULATORS
 from kdaudit.models import MODELS, build_model
 from kdaudit.protocol import expand
@@ -341,6 +341,28 @@ ORACLES = {
     "accuracy": lambda t, m, y: np.mean(_top1(m) == y),
     "loss": lambda t, m, y: -log_softmax(m, axis=1)[np.arange(len(y)), y].mean(),
 }
+# Metrics of top-k inputs only (PROTOCOL section 10), from full logits and the view's k.
+TOPK_K = 3
+
+
+def _topk_sets(z, k=TOPK_K) -> np.ndarray:
+    return np.argsort(-z, axis=1, kind="stable")[:, :k]  # ties: the lower class index
+
+
+TOPK_ORACLES = {
+    "topk_overlap": lambda t, m, y: np.mean(
+        [len(set(a) & set(b)) / TOPK_K for a, b in zip(_topk_sets(t), _topk_sets(m), strict=True)]
+    ),
+    "n_label_outside_topk": lambda t, m, y: int((_topk_sets(m) != y[:, None]).all(axis=1).sum()),
+}
+
+
+def _as_topk(z: np.ndarray, k=TOPK_K) -> TopK:
+    """The top-k file of logits z: ids and float64 log-probs, shuffled within each row."""
+    ids = np.random.default_rng(0).permuted(_topk_sets(z, k), axis=1)
+    return TopK(ids, np.take_along_axis(log_softmax(z, axis=1), ids, axis=1), z.shape[1])
+
+
 # PROTOCOL section 4: the functional metrics of the transfer verdict
 FUNCTIONAL = {
     "activation_distance",
@@ -366,21 +388,31 @@ def _metric_inputs(n: int = 240, k: int = 6):
 
 
 def test_every_registered_metric_has_an_oracle():
-    missing = sorted(set(METRICS.names()) - set(ORACLES))
-    assert not missing, f"add an oracle for {missing} to ORACLES in tests/test_registries.py"
-    stale = sorted(set(ORACLES) - set(METRICS.names()))
+    topk_only = {m.name for m in METRICS.entries() if m.topk_only}
+    missing = sorted(set(METRICS.names()) - topk_only - set(ORACLES))
+    missing += sorted(topk_only - set(TOPK_ORACLES))
+    assert not missing, (f"add an oracle for {missing} to ORACLES (TOPK_ORACLES for a metric "
+                         "of top-k inputs only) in tests/test_registries.py")  # fmt: skip
+    stale = sorted((set(ORACLES) | set(TOPK_ORACLES)) - set(METRICS.names()))
     assert not stale, f"ORACLES names metrics that are not registered: {stale}; remove them"
 
 
 @pytest.mark.parametrize("name", METRICS.names())
 def test_every_metric_matches_its_oracle(name):
-    if name not in ORACLES:
+    metric = METRICS.get(name)
+    oracles = TOPK_ORACLES if metric.topk_only else ORACLES
+    if name not in oracles:
         pytest.fail(f"add an oracle for {name} to ORACLES in tests/test_registries.py")
     teacher, model, labels = _metric_inputs()
     assert 0 < (_top1(teacher) != labels).sum() < len(labels)  # both subsets present
-    result = functional_similarity(teacher, model, labels)
-    assert set(result) == set(METRICS.names())
-    expected = ORACLES[name](teacher.astype(np.float64), model.astype(np.float64), labels)
+    t64, m64 = teacher.astype(np.float64), model.astype(np.float64)
+    if metric.topk_only:
+        result = functional_similarity(_as_topk(t64), _as_topk(m64), labels)
+        assert set(result) == set(METRICS.names())
+    else:
+        result = functional_similarity(teacher, model, labels)
+        assert set(result) == {m.name for m in METRICS.entries() if not m.topk_only}
+    expected = oracles[name](t64, m64, labels)
     if METRICS.get(name).better is None:  # a count: exact
         assert type(result[name]) is int and result[name] == expected
     else:
@@ -390,7 +422,7 @@ def test_every_metric_matches_its_oracle(name):
 
 def test_untested_metrics_are_the_counts_and_the_functional_ones_are_protocols_four():
     counts = {m.name for m in METRICS.entries() if m.better is None}
-    assert counts == {"n_teacher_correct", "n_teacher_incorrect"}
+    assert counts == {"n_teacher_correct", "n_teacher_incorrect", "n_label_outside_topk"}
     assert set(functional_metrics()) == FUNCTIONAL
     for metric in METRICS.entries():
         assert metric.accumulator in ACCUMULATORS, metric.name

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kdaudit.metrics import METRICS
+from kdaudit.metrics.topk import PROBLEMS, TopK, TopkChunk, row_problems
 
 # Rows per chunk. On a 2-core CPU with K = 65 (benchmarks/metrics_bench.py), 1024 to 4096
 # rows were equally fast and larger chunks were no faster but needed more memory. Each
@@ -60,7 +61,7 @@ class RowSource(Protocol):
 
 
 Array = torch.Tensor | np.ndarray
-Logits = torch.Tensor | np.ndarray | RowSource
+Logits = torch.Tensor | np.ndarray | RowSource | TopK
 
 
 def functional_similarity(
@@ -70,16 +71,23 @@ def functional_similarity(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     procrustes_max_classes: int | None = PROCRUSTES_MAX_CLASSES,
+    topk: int | None = None,
 ) -> dict[str, float | int]:
     """Compare a model's outputs with the teacher's on the same examples.
 
     Logits are (N, K) or (..., K) with labels (N,) or (...); leading dimensions are flattened
     so that every position (e.g. every next-token position) is one example. Inputs may be
     torch tensors (computed on the teacher's device), numpy arrays, including np.memmap,
-    or `RowSource`s, all read `chunk_size` rows at a time. Returns python floats, and ints
-    for the two subset sizes; an agreement over an empty subset and the Procrustes distance
-    of a constant output matrix are nan. Raises ValueError for bad inputs, NonFiniteLogits
-    for a nan or inf in the logits.
+    or `RowSource`s, all read `chunk_size` rows at a time, or `TopK` log-probabilities.
+    Returns python floats, and ints for the counts; an agreement over an empty subset and
+    the Procrustes distance of a constant output matrix are nan. Raises ValueError for bad
+    inputs, NonFiniteLogits for a nan or inf in the logits, InvalidTopK for a bad top-k row.
+
+    Top-k: when either input is a `TopK` (or `topk` is given), both are compared through
+    their top-k view, k = `topk` or else the smallest k of the TopK inputs (at most each
+    TopK's k); full logits are cut to their top k. kdaudit.metrics.topk defines each metric
+    there; the registry says which are exact (`Metric.topk`), and `topk_overlap` and
+    `n_label_outside_topk` are returned only then.
 
     The Procrustes distance is nan when K > `procrustes_max_classes` (None: no limit). It is
     2 - 2 ||A_c^T B_c||_* for the centred, unit-norm (N, K) softmax matrices, and the nuclear
@@ -95,6 +103,7 @@ def functional_similarity(
         labels,
         chunk_size=chunk_size,
         procrustes_max_classes=procrustes_max_classes,
+        topk=topk,
     )[0]
 
 
@@ -105,6 +114,7 @@ def functional_similarity_many(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     procrustes_max_classes: int | None = PROCRUSTES_MAX_CLASSES,
+    topk: int | None = None,
 ) -> list[dict[str, float | int]]:
     """`functional_similarity` of each model against one teacher, in a single pass.
 
@@ -115,76 +125,106 @@ def functional_similarity_many(
     """
     if len(models) == 0:
         raise ValueError("models is empty; pass at least one model's logits")
-    checked = [_validated(teacher_logits, m, labels) for m in models]
-    teacher, _, flat_labels, lead_shape = checked[0]
-    flat_models = [c[1] for c in checked]
-    n, k = teacher.shape
-    device = _compute_device(teacher, *flat_models)
-    rows = _chunk_rows(chunk_size, k)
+    names = ["teacher_logits"] + (
+        ["model_logits"] if len(models) == 1 else [f"model_logits[{i}]" for i in range(len(models))]
+    )
+    inputs, flat_labels, lead_shape, k = _validated([teacher_logits, *models], names, labels)
+    view = _view(inputs, topk)
+    n = flat_labels.shape[0]
+    device = _compute_device(*(a for x in inputs for a in x.data))
+    rows = _chunk_rows(chunk_size, max(x.width for x in inputs))
     with_procrustes = procrustes_max_classes is None or k <= procrustes_max_classes
-    teacher_check = _FirstBadRow(device)
-    accs = [_Accumulators(k, device, with_procrustes) for _ in flat_models]
+    sources = [x.source(device) for x in inputs]
+    accs = [_Accumulators(k, device, with_procrustes, view is not None) for _ in models]
     with torch.no_grad():
         for start in range(0, n, rows):
-            t = _to_device(teacher[start : start + rows], device)  # (B, K) input dtype
             y = _to_device(flat_labels[start : start + rows], device).long()  # (B,)
-            teacher_check.update(t, start)
-            shared = _Chunk(t)
-            for model, acc in zip(flat_models, accs, strict=True):
-                acc.update(shared, _to_device(model[start : start + rows], device), y, start)
+            shared = sources[0].chunk(start, start + rows, view)
+            for source, acc in zip(sources[1:], accs, strict=True):
+                acc.update(shared, source.chunk(start, start + rows, view), y)
         # Checked before finalising: an SVD of non-finite sums fails with a less useful error.
-        _raise_if_non_finite(teacher_check, _NON_FINITE + "teacher_logits", None, lead_shape)
-        for i, acc in enumerate(accs):
-            name = "model_logits" if len(accs) == 1 else f"model_logits[{i}]"
-            _raise_if_non_finite(acc.finite, _NON_FINITE + name, i, lead_shape)
-        return [_finalised(_to_host(acc.totals()), n, k) for acc in accs]
+        for i, source in enumerate(sources):
+            source.raise_if_bad(None if i == 0 else i - 1, lead_shape)
+        ranks = k if view is None else view
+        return [_finalised(_to_host(acc.totals()), n, ranks, view is not None) for acc in accs]
 
 
 _NON_FINITE = "non-finite values (nan or inf) in "
 
 
-class NonFiniteLogits(ValueError):
-    """A nan or inf in the logits; `model` is None for the teacher, else the model's index."""
+class BadRows(ValueError):
+    """A row of an input that cannot be compared; `model` is None for the teacher, else the
+    model's index, and `row` the first bad row of the flattened input."""
 
     def __init__(self, message: str, model: int | None, row: int):
         super().__init__(message)
         self.model, self.row = model, row
 
 
+class NonFiniteLogits(BadRows):
+    """A nan or inf in the logits."""
+
+
+class InvalidTopK(BadRows):
+    """A top-k row whose ids or log-probabilities break the TopK contract; `problem` is
+    its key in kdaudit.metrics.topk.PROBLEMS."""
+
+    def __init__(self, message: str, model: int | None, row: int, problem: str):
+        super().__init__(message, model, row)
+        self.problem = problem
+
+
 def accuracy_and_loss(
     logits: Logits, labels: Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[float, float]:
-    """One model's top-1 accuracy and mean cross-entropy (nats), streamed like the above."""
-    logits, _, flat_labels, lead_shape = _validated(logits, logits, labels)
-    n, k = logits.shape
-    device = _compute_device(logits)
-    rows = _chunk_rows(chunk_size, k)
+    """One model's top-1 accuracy and mean cross-entropy (nats), streamed like the above.
+
+    For `TopK` log-probabilities the loss is exact where the label is in the top-k and the
+    tail estimate elsewhere (kdaudit.metrics.topk), from all of the input's k classes."""
+    (model,), flat_labels, lead_shape, _ = _validated([logits], ["logits"], labels)
+    view = model.k if isinstance(model, _TopkInput) else None
+    n = flat_labels.shape[0]
+    device = _compute_device(*model.data)
+    rows = _chunk_rows(chunk_size, model.width)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     nll = torch.zeros((), dtype=torch.float64, device=device)
-    check = _FirstBadRow(device)
+    source = model.source(device)
     with torch.no_grad():
         for start in range(0, n, rows):
-            z = _to_device(logits[start : start + rows], device).double()  # (B, K)
             y = _to_device(flat_labels[start : start + rows], device).long()  # (B,)
-            check.update(z, start)
-            correct += (z.argmax(dim=1) == y).sum()  # ties: the first maximum, as the sort
-            nll += torch.nn.functional.cross_entropy(z, y, reduction="sum")
-        _raise_if_non_finite(check, "logits contain NaN or inf", None, lead_shape)
+            chunk = source.chunk(start, start + rows, view)
+            correct += (chunk.order[:, 0] == y).sum()  # ties: the first maximum, as the sort
+            nll += chunk.nll(y)[0].sum()
+        source.raise_if_bad(None, lead_shape)
     return int(correct) / n, float(nll) / n
 
 
 # ---------------------------------------------------------------- validation and chunking
 
 
-def _validated(teacher, model, labels) -> tuple[Array, Array, Array, tuple[int, ...]]:
-    """Check the inputs and return (N, K) logits views, (N,) labels and the leading shape."""
-    teacher, model = _as_logits(teacher), _as_logits(model)
+def _validated(inputs, names, labels):
+    """Check the inputs; returns (per input a _FullInput or _TopkInput, (N,) labels, the
+    leading shape, the number of classes K)."""
+    inputs = [_input(x, name) for x, name in zip(inputs, names, strict=True)]
     labels = _as_array(labels)
-    _check_logit_shapes(tuple(teacher.shape), tuple(model.shape))
-    k = int(teacher.shape[-1])
-    lead_shape = tuple(int(d) for d in teacher.shape[:-1])
-    _check_labels(labels, lead_shape, k)
-    return _flat(teacher, k), _flat(model, k), labels.reshape(-1), lead_shape
+    first = inputs[0]
+    for x in inputs:
+        _check_logit_shapes(first, x)
+    lead_shape = first.shape[:-1]
+    _check_labels(labels, lead_shape, first.classes)
+    return inputs, labels.reshape(-1), lead_shape, first.classes
+
+
+def _view(inputs, topk: int | None) -> int | None:
+    """The top-k view's k, or None to compare full logits."""
+    ks = [x.k for x in inputs if isinstance(x, _TopkInput)]
+    if topk is None:
+        return min(ks) if ks else None
+    if topk < 1 or topk > inputs[0].classes or any(topk > k for k in ks):
+        most = min([inputs[0].classes, *ks])
+        raise ValueError(f"topk={topk}; pass 1 <= topk <= {most} (the classes, and each "
+                         "TopK input's k)")  # fmt: skip
+    return topk
 
 
 def _as_array(x) -> Array:
@@ -219,12 +259,88 @@ class _SourceRows:
         return self.source.read(start, stop)
 
 
-def _check_logit_shapes(t_shape: tuple[int, ...], c_shape: tuple[int, ...]) -> None:
-    if t_shape != c_shape:
+def _input(x, name: str) -> _FullInput | _TopkInput:
+    return _TopkInput(x, name) if isinstance(x, TopK) else _FullInput(_as_logits(x), name)
+
+
+class _FullInput:
+    """Full logits (..., K): `source()` reads them a chunk at a time in a comparison's view."""
+
+    def __init__(self, logits: Array | RowSource, name: str):
+        self.logits, self.name = logits, name
+        self.shape = tuple(int(d) for d in logits.shape)
+        self.classes = self.width = self.shape[-1] if self.shape else 0
+        self.data = (logits,)
+
+    def describe(self) -> str:
+        return f"shape {self.shape}"
+
+    def source(self, device: torch.device) -> _FullSource:
+        return _FullSource(self, device)
+
+
+class _FullSource:
+    def __init__(self, x: _FullInput, device: torch.device):
+        self.x, self.rows, self.device = x, _flat(x.logits, x.classes), device
+        self.bad = _FirstBadRow(device)
+
+    def chunk(self, start: int, stop: int, view: int | None):
+        z = _to_device(self.rows[start:stop], self.device)  # (B, K) input dtype
+        self.bad.update(~torch.isfinite(z).all(dim=1), start)
+        return _Chunk(z) if view is None else TopkChunk.from_logits(z, view)
+
+    def raise_if_bad(self, model: int | None, lead_shape: tuple[int, ...]) -> None:
+        _raise_if_bad(self.bad, _NON_FINITE + self.x.name, lead_shape, NonFiniteLogits, model)
+
+
+class _TopkInput:
+    """Top-k log-probabilities (TopK): ids and log-probs (..., k) of V classes."""
+
+    def __init__(self, topk: TopK, name: str):
+        self.name, self.k, self.classes = name, topk.k, int(topk.vocab_size)
+        self.ids, self.logprobs = _as_logits(topk.ids), _as_logits(topk.logprobs)
+        self.shape, self.width = (*topk.shape[:-1], self.classes), self.k
+        self.data = (self.ids, self.logprobs)
+
+    def describe(self) -> str:
+        return f"top-k shape {(*self.shape[:-1], self.k)} of vocab_size {self.classes}"
+
+    def source(self, device: torch.device) -> _TopkSource:
+        return _TopkSource(self, device)
+
+
+class _TopkSource:
+    def __init__(self, x: _TopkInput, device: torch.device):
+        self.x, self.device = x, device
+        self.ids, self.logprobs = _flat(x.ids, x.k), _flat(x.logprobs, x.k)
+        self.bad = {problem: _FirstBadRow(device) for problem in PROBLEMS}
+
+    def chunk(self, start: int, stop: int, view: int | None) -> TopkChunk:
+        ids = _to_device(self.ids[start:stop], self.device)  # (B, k)
+        logprobs = _to_device(self.logprobs[start:stop], self.device)
+        if not _is_integer(ids) or _is_integer(logprobs):
+            raise ValueError(f"{self.x.name}: topk_ids have dtype {ids.dtype} and topk_logprobs "
+                             f"{logprobs.dtype}; pass integer ids and float log-probabilities")  # fmt: skip
+        ids = ids.long()
+        for problem, rows in row_problems(ids, logprobs, self.x.classes).items():
+            self.bad[problem].update(rows, start)
+        # Bad ids would index out of range below; such a pass ends in InvalidTopK anyway.
+        ids = ids.clamp(0, self.x.classes - 1)
+        return TopkChunk.from_topk(ids, logprobs, self.x.classes, view or self.x.k)
+
+    def raise_if_bad(self, model: int | None, lead_shape: tuple[int, ...]) -> None:
+        for problem, bad in self.bad.items():
+            what = f"{PROBLEMS[problem]} in {self.x.name}"
+            _raise_if_bad(bad, what, lead_shape, InvalidTopK, model, problem)
+
+
+def _check_logit_shapes(first, other) -> None:
+    if first.shape[:-1] != other.shape[:-1] or first.classes != other.classes:
         raise ValueError(
-            f"shape mismatch: teacher_logits has shape {t_shape} but model_logits has shape "
-            f"{c_shape}; pass logits of the same (..., K) shape for the same examples"
+            f"shape mismatch: {first.name} has {first.describe()} but {other.name} has "
+            f"{other.describe()}; pass logits of the same (..., K) shape for the same examples"
         )
+    t_shape = first.shape
     if len(t_shape) < 2:
         raise ValueError(
             f"logits have shape {t_shape}; pass logits of shape (N, K) or (..., K) with a "
@@ -286,7 +402,8 @@ def _to_device(x: Array, device: torch.device) -> torch.Tensor:
 
 
 class _Chunk:
-    """One model's side of a chunk: computed once, the teacher's shared by every model."""
+    """One model's side of a chunk: computed once, the teacher's shared by every model.
+    kdaudit.metrics.topk.TopkChunk is the same for a top-k view."""
 
     def __init__(self, z: torch.Tensor):
         """z: (B, K) logits in their input dtype."""
@@ -295,20 +412,30 @@ class _Chunk:
         # Sorting the input dtype gives the same order as float64 (the cast is exact).
         self.order = _ranking(z)
 
+    def aligned(self, other: _Chunk):
+        """(log p, log q, p, q): both (B, K) distributions, class by class."""
+        return self.log_p, other.log_p, self.p, other.p
+
+    def nll(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) -log p(y), and (B,) False: the label is always among the K classes."""
+        return -self.log_p.gather(1, y[:, None])[:, 0], torch.zeros_like(y, dtype=torch.bool)
+
+    def dense_probs(self) -> torch.Tensor:
+        return self.p
+
 
 class _Accumulators:
     """Every accumulator the registered metrics name, for one model; `totals()` gives 0-d
     tensors on the device."""
 
-    def __init__(self, k: int, device: torch.device, with_procrustes: bool = True):
-        names = dict.fromkeys(m.accumulator for m in METRICS.entries())
+    def __init__(self, k: int, device: torch.device, with_procrustes=True, topk=False):
+        """k: the number of classes; topk: the inputs are top-k views (TopkChunk)."""
+        metrics = [m for m in METRICS.entries() if topk or not m.topk_only]
+        names = dict.fromkeys(m.accumulator for m in metrics)
         self.parts = [_accumulator(name, k, device, with_procrustes) for name in names]
-        self.finite = _FirstBadRow(device)
 
-    def update(self, teacher: _Chunk, c: torch.Tensor, y: torch.Tensor, offset: int) -> None:
-        """c: (B, K) model logits in their input dtype; y: (B,) int64 labels."""
-        self.finite.update(c, offset)
-        model = _Chunk(c)
+    def update(self, teacher, model, y: torch.Tensor) -> None:
+        """teacher, model: the two chunks (_Chunk or TopkChunk); y: (B,) int64 labels."""
         for part in self.parts:
             part.update(teacher, model, y)
 
@@ -336,9 +463,10 @@ class _DistributionSums:
 
     def update(self, t: _Chunk, c: _Chunk, y: torch.Tensor) -> None:
         """t, c: the teacher's and the model's chunks; y: (B,) labels."""
-        self.activation += (t.p - c.p).norm(dim=1).sum()
-        self.js += _js_divergence(t.log_p, c.log_p, t.p, c.p).sum()
-        self.nll -= c.log_p.gather(1, y[:, None]).sum()
+        log_p, log_q, p, q = t.aligned(c)  # (B, K), or (B, 2k + 1) for top-k views
+        self.activation += (p - q).norm(dim=1).sum()
+        self.js += _js_divergence(log_p, log_q, p, q).sum()
+        self.nll += c.nll(y)[0].sum()
 
     def totals(self) -> dict[str, torch.Tensor]:
         return {"activation_sum": self.activation, "js_sum": self.js, "nll_sum": self.nll}
@@ -480,8 +608,8 @@ class _ProcrustesMoments:
         self.ss_c = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, t: _Chunk, c: _Chunk, y: torch.Tensor) -> None:
-        """The two chunks' (B, K) float64 softmax rows."""
-        p_t, p_c = t.p, c.p
+        """The two chunks' (B, K) float64 softmax rows (top-k: filled with the tail estimate)."""
+        p_t, p_c = t.dense_probs(), c.dense_probs()
         b = p_t.shape[0]
         chunk_mean_t, chunk_mean_c = p_t.mean(dim=0), p_c.mean(dim=0)
         d_t, d_c = p_t - chunk_mean_t, p_c - chunk_mean_c  # (B, K) centred on the chunk
@@ -523,19 +651,35 @@ class _NoProcrustes:
         return {"procrustes": self.nan}
 
 
+class _TopkSets:
+    """Top-k views only: how many of the teacher's top-k classes are in the model's top-k,
+    and at how many positions the label is outside the model's top-k."""
+
+    def __init__(self, k: int, device: torch.device):
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.overlap, self.label_outside = zero.clone(), zero.clone()
+
+    def update(self, t: TopkChunk, c: TopkChunk, y: torch.Tensor) -> None:
+        self.overlap += c.lookup(t.order)[1].sum()
+        self.label_outside += c.nll(y)[1].sum()
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        return {"overlap": self.overlap, "label_outside": self.label_outside}
+
+
 class _FirstBadRow:
-    """First flattened row index holding a nan or inf (-1 if none), kept on the device."""
+    """First flattened row index flagged bad (-1 if none), kept on the device."""
 
     def __init__(self, device: torch.device):
         self.row = torch.full((), -1, dtype=torch.int64, device=device)
 
-    def update(self, x: torch.Tensor, offset: int) -> None:
-        self.row = _first_bad_row(x, offset, self.row)
+    def update(self, bad: torch.Tensor, offset: int) -> None:
+        """bad: (B,) bool, the rows offset, offset + 1, ... of the flattened input."""
+        self.row = _first_bad_row(bad, offset, self.row)
 
 
-def _first_bad_row(x: torch.Tensor, offset: int, so_far: torch.Tensor) -> torch.Tensor:
+def _first_bad_row(bad: torch.Tensor, offset: int, so_far: torch.Tensor) -> torch.Tensor:
     """Keeps the check on the device: no host sync inside the chunk loop."""
-    bad = ~torch.isfinite(x).all(dim=1)  # (B,)
     first_here = torch.where(bad.any(), offset + bad.int().argmax(), -1)
     return torch.where(so_far >= 0, so_far, first_here)
 
@@ -549,23 +693,25 @@ def _to_host(totals: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(totals, values, strict=True))
 
 
-def _raise_if_non_finite(
-    check: _FirstBadRow, what: str, model: int | None, lead_shape: tuple[int, ...]
-) -> None:
+def _raise_if_bad(check: _FirstBadRow, what: str, lead_shape, error, *args) -> None:
+    """Raise error(message, *args) naming the first bad row, if there is one."""
     row = int(check.row)
     if row >= 0:
         where = tuple(int(i) for i in np.unravel_index(row, lead_shape))
-        raise NonFiniteLogits(
+        model, *rest = args
+        raise error(
             f"{what}: first bad row is {row} of the flattened logits (index {where} of the "
             "leading dimensions); remove or fix those rows before comparing",
             model,
             row,
+            *rest,
         )
 
 
-def _finalised(totals: dict[str, float], n: int, k: int) -> dict[str, float | int]:
-    """Every registered metric from the summed totals (all divisions happen there)."""
-    return {m.name: m.finalise(totals, n, k) for m in METRICS.entries()}
+def _finalised(totals: dict[str, float], n: int, k: int, topk: bool) -> dict[str, float | int]:
+    """Every registered metric from the summed totals (all divisions happen there); k is
+    the length of the compared rankings (K, or the top-k view's k)."""
+    return {m.name: m.finalise(totals, n, k) for m in METRICS.entries() if topk or not m.topk_only}
 
 
 # name -> accumulator class (k, device): update(teacher chunk, model chunk, labels), totals()
@@ -573,4 +719,5 @@ ACCUMULATORS = {
     "distributions": _DistributionSums,
     "labelings": _LabelingCounts,
     "procrustes": _ProcrustesMoments,
+    "topk_sets": _TopkSets,
 }
