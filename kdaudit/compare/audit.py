@@ -6,6 +6,11 @@ Writes into the output folder DIR:
 - DIR/runs.csv: the tidy run table, one row per student per metric;
 - DIR/manifest.resolved.csv: the manifest as read (absolute paths, parsed settings);
 - DIR/metrics_cache.json: per-row metrics, reused while the files are unchanged.
+
+When any file is a top-k file, every student is compared with its teacher through the top-k
+view of both files (k: the smallest of the top-k files; full logits are cut to it), and the
+result's notes and the report's header name the k and the metrics that view only
+approximates ("top-k approx.", kdaudit.metrics.topk_approximate).
 """
 
 from __future__ import annotations
@@ -21,16 +26,20 @@ import pandas as pd
 from kdaudit.compare.cache import MetricsCache
 from kdaudit.compare.checks import Layout, check_controls, check_files
 from kdaudit.compare.errors import CompareError
-from kdaudit.compare.files import open_array
+from kdaudit.compare.files import TopkFile, open_logits
 from kdaudit.compare.manifest import Manifest, ModelRow, read_manifest
 from kdaudit.config import AnalysisOptions
 from kdaudit.metrics import (
     DEFAULT_CHUNK_SIZE,
     PROCRUSTES_MAX_CLASSES,
-    NonFiniteLogits,
+    TOPK_MARK,
+    BadRows,
+    InvalidTopK,
     accuracy_and_loss,
     functional_similarity_many,
+    topk_approximate,
 )
+from kdaudit.metrics.topk import PROBLEMS
 from kdaudit.report import write_report
 from kdaudit.report.result import AuditResult
 from kdaudit.stats import analyse
@@ -72,7 +81,13 @@ def compare(
     for note in notes:
         log(f"warning: {note}")
     settings = dict(procrustes_max_classes=procrustes_max_classes)
+    if layout.topk is not None:  # absent otherwise: full-logit cache keys stay as they were
+        settings["topk"] = layout.topk
     metrics = _all_metrics(spec, layout, MetricsCache(out / CACHE_FILE), settings, chunk_size, log)
+    topk = _topk_notes(spec, layout, metrics)
+    for note in topk:
+        log(f"note: {note}")
+    notes += topk
     runs, teachers = _runs_frame(spec, metrics), _teachers_frame(spec, metrics)
     result = analyse(runs, analysis or AnalysisOptions())
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +99,7 @@ def compare(
         teachers,
         result,
         title=f"kdaudit compare: {spec.path.stem}",
-        meta=_meta(spec, layout, notes),
+        meta=_meta(spec, layout, notes, metrics),
     )
     return AuditResult(out, runs, teachers, result, report, notes=tuple(notes))
 
@@ -97,6 +112,32 @@ def _procrustes_note(k: int, limit: int | None) -> list[str]:
         f"procrustes_distance not computed (NaN): K={k} > procrustes_max_classes={limit}; "
         f"an exact value needs a {k} x {k} float64 matrix ({gb:.1f} GB) and its SVD"
     ]
+
+
+def _topk_notes(spec: Manifest, layout: Layout, metrics: dict[ModelRow, dict]) -> list[str]:
+    """What a top-k view computed: its k, and which metrics it only approximates."""
+    if layout.topk is None:
+        return []
+    k, v = layout.topk, layout.k
+    full = len(spec.teachers) + len(spec.students) - layout.topk_files
+    notes = [
+        f"top-k inputs: every metric from the top-{k} view of each file (V={v}; "
+        f"{layout.topk_files} top-k file(s), {full} full-logit file(s) cut to their top {k}); "
+        "top-1 agreement, the correct/incorrect split, accuracy and VoI exact; "
+        f"rank_disagreement and topk_overlap over the top {k}"
+    ]
+    marked = _marked(spec, layout, metrics)
+    if marked:
+        notes.append(
+            f"{TOPK_MARK}: {', '.join(marked)} (the union of both models' top-{k} plus one "
+            "tail bin; the loss where a label is outside a model's top-k)"
+        )
+    return notes
+
+
+def _marked(spec: Manifest, layout: Layout, metrics: dict[ModelRow, dict]) -> tuple[str, ...]:
+    students = [metrics[s] for s in spec.students]
+    return topk_approximate(students, layout.topk, layout.k)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -158,20 +199,26 @@ def _pass_size(k: int, procrustes_max_classes: int | None) -> int:
 
 def _compute(batch: list[ModelRow], spec: Manifest, layout: Layout, settings, chunk_size):
     teacher = batch[0] if batch[0].is_teacher else spec.teacher_of(batch[0])
-    arrays = [open_array(teacher.path)]
+    arrays = [open_logits(teacher.path)]
     try:
         if batch[0].is_teacher:
-            accuracy, loss = accuracy_and_loss(arrays[0], layout.labels, chunk_size=chunk_size)
+            accuracy, loss = accuracy_and_loss(
+                _input(arrays[0]), layout.labels, chunk_size=chunk_size
+            )
             return [{"test_accuracy": accuracy, "test_loss": loss}]
-        arrays += [open_array(row.path) for row in batch]
+        arrays += [open_logits(row.path) for row in batch]
+        inputs = [_input(a) for a in arrays]
         return functional_similarity_many(
-            arrays[0], arrays[1:], layout.labels, chunk_size=chunk_size, **settings
+            inputs[0], inputs[1:], layout.labels, chunk_size=chunk_size, **settings
         )
-    except NonFiniteLogits as err:
+    except BadRows as err:
         culprit = teacher if err.model is None else batch[err.model]
         index = tuple(int(i) for i in np.unravel_index(err.row, layout.shape[:-1]))
+        what = (
+            PROBLEMS[err.problem] if isinstance(err, InvalidTopK) else "logits contain NaN or inf"
+        )
         raise CompareError(
-            f"{culprit.path} ({culprit.where()}): logits contain NaN or inf; the first bad row "
+            f"{culprit.path} ({culprit.where()}): {what}; the first bad row "
             f"is {err.row} of the flattened logits (index {index} of shape {layout.shape[:-1]})"
         ) from err
     finally:
@@ -180,6 +227,10 @@ def _compute(batch: list[ModelRow], spec: Manifest, layout: Layout, settings, ch
 
 
 # ----------------------------------------------------------------------------- tables
+
+
+def _input(array):
+    return array.as_input() if isinstance(array, TopkFile) else array
 
 
 def _runs_frame(spec: Manifest, metrics: dict[ModelRow, dict]) -> pd.DataFrame:
@@ -230,7 +281,7 @@ def _nan(x: float | None) -> float:
     return float("nan") if x is None else x
 
 
-def _meta(spec: Manifest, layout: Layout, notes: list[str]) -> dict:
+def _meta(spec: Manifest, layout: Layout, notes: list[str], metrics) -> dict:
     meta = {
         "manifest": str(spec.path),
         "models": f"{len(spec.teachers)} teacher(s), {len(spec.students)} students",
@@ -239,6 +290,9 @@ def _meta(spec: Manifest, layout: Layout, notes: list[str]) -> dict:
         **code_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
+    if layout.topk is not None:
+        meta["top-k"] = f"k={layout.topk} of V={layout.k} ({layout.topk_files} top-k file(s))"
+        meta[TOPK_MARK] = ", ".join(_marked(spec, layout, metrics)) or "none"
     if notes:
         meta["notes"] = "; ".join(notes)
     return meta

@@ -3,8 +3,9 @@
 Errors (CompareError) versus warnings:
 
 - every logits file must have the first teacher's shape (N, K) or (N, T, V) and a floating
-  dtype; the labels must be integers of shape (N,) or (N, T) in [0, K): errors naming the
-  files;
+  dtype; a top-k file integer `topk_ids` and floating `topk_logprobs` of one shape (N, k) or
+  (N, T, k) with k <= vocab_size, and vocab_size = K; the labels must be integers of shape
+  (N,) or (N, T) in [0, K): errors naming the files;
 - a treatment's setting (teacher seed, alpha, T) with none of its verdict's controls paired
   (for kd: siddo and rcd; same teacher seed and student seed, and the control's own params,
   rcd's alpha and T) cannot be tested at all: an error listing what is missing;
@@ -21,15 +22,17 @@ from dataclasses import dataclass
 import torch
 
 from kdaudit.compare.errors import CompareError
-from kdaudit.compare.files import open_array
+from kdaudit.compare.files import TopkFile, open_array, open_logits
 from kdaudit.compare.manifest import Manifest, ModelRow
 from kdaudit.conditions import condition, is_treatment
 
 
 @dataclass(frozen=True)
 class Layout:
-    shape: tuple[int, ...]  # of every logits file: (..., K)
+    shape: tuple[int, ...]  # of every full logits file: (..., K); a top-k file's (..., V)
     labels: torch.Tensor  # int64, shape[:-1]
+    topk: int | None = None  # the top-k view's k (the smallest k of the top-k files), or None
+    topk_files: int = 0  # how many of the files are top-k files
 
     @property
     def k(self) -> int:
@@ -43,9 +46,11 @@ class Layout:
 def check_files(manifest: Manifest) -> Layout:
     """Open every file (headers only, labels fully) and check they fit together."""
     reference = manifest.teachers[0]
-    shape = _logits_shape(reference)
-    for row in (*manifest.teachers[1:], *manifest.students):
-        other = _logits_shape(row)
+    shape, _ = _logits_shape(reference)
+    ks = []
+    for row in (*manifest.teachers, *manifest.students):
+        other, k = _logits_shape(row)
+        ks += [] if k is None else [k]
         if other != shape:
             raise CompareError(
                 f"{_mismatch(shape, other)}: {reference.path} ({reference.where()}) has shape "
@@ -59,12 +64,15 @@ def check_files(manifest: Manifest) -> Layout:
             f"[0, {shape[-1]}) range of teacher {reference.path} (K={shape[-1]} outputs); the "
             "labels and logits must index the same classes"
         )
-    return Layout(shape, labels)
+    return Layout(shape, labels, min(ks) if ks else None, len(ks))
 
 
-def _logits_shape(row: ModelRow) -> tuple[int, ...]:
-    array = open_array(row.path)
+def _logits_shape(row: ModelRow) -> tuple[tuple[int, ...], int | None]:
+    """The file's (..., K) shape (a top-k file's (..., vocab_size)) and its k (None: full)."""
+    array = open_logits(row.path)
     try:
+        if isinstance(array, TopkFile):
+            return _topk_shape(row, array), array.k
         if not array.dtype.is_floating_point:
             raise CompareError(
                 f"{row.path} ({row.where()}): logits have dtype {array.dtype}; "
@@ -75,9 +83,28 @@ def _logits_shape(row: ModelRow) -> tuple[int, ...]:
                 f"{row.path} ({row.where()}): logits have shape {array.shape}; "
                 "need (N, K) or (N, T, V) with N >= 1 and K >= 2"
             )
-        return array.shape
+        return array.shape, None
     finally:
         array.close()
+
+
+def _topk_shape(row: ModelRow, topk: TopkFile) -> tuple[int, ...]:
+    where = f"{row.path} ({row.where()})"
+    ids, logprobs = topk.ids, topk.logprobs
+    if (
+        ids.dtype.is_floating_point
+        or ids.dtype == torch.bool
+        or not logprobs.dtype.is_floating_point
+    ):
+        raise CompareError(f"{where}: topk_ids have dtype {ids.dtype} and topk_logprobs "
+                           f"{logprobs.dtype}; save integer ids and float log-probabilities")  # fmt: skip
+    if ids.shape != logprobs.shape or len(ids.shape) < 2 or 0 in ids.shape:
+        raise CompareError(f"{where}: topk_ids have shape {ids.shape} and topk_logprobs "
+                           f"{logprobs.shape}; need one shape (N, k) or (N, T, k), N, k >= 1")  # fmt: skip
+    if topk.k > topk.vocab_size:
+        raise CompareError(f"{where}: k={topk.k} ids per position but vocab_size is "
+                           f"{topk.vocab_size}; k must be at most vocab_size")  # fmt: skip
+    return (*ids.shape[:-1], topk.vocab_size)
 
 
 def _mismatch(a: tuple[int, ...], b: tuple[int, ...]) -> str:

@@ -8,6 +8,11 @@ Every format resolves, where it can, to one C-order array at a byte offset of a 
     .safetensors              the tensor `logits` (or the only one), via the JSON header
     .pt (torch.save)          a tensor, or a dict's `logits`, via its zip storage record
 
+A top-k file (.npz or .safetensors) holds `topk_ids` (..., k) integer, `topk_logprobs`
+(..., k) float (natural log, any order within the last axis) and the scalar `vocab_size`
+instead of `logits`; `open_logits` opens either kind (kdaudit.metrics.topk defines the
+metrics of top-k inputs).
+
 After each block the pages it touched are released from this process (MADV_DONTNEED): they
 stay in the OS page cache, so rereading is fast, but the resident set stays at about one
 block however large the file (a plain mmap would keep every page read mapped, and a 2.6 GB
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from kdaudit.compare.errors import CompareError
+from kdaudit.metrics.topk import TopK
 
 FORMATS = (".npy", ".npz", ".pt", ".safetensors")
 
@@ -164,6 +170,66 @@ class TensorArray:
 
 
 ArrayFile = StoredArray | TensorArray
+TOPK_KEYS = ("topk_ids", "topk_logprobs", "vocab_size")
+
+
+class TopkFile:
+    """A top-k file's `topk_ids` and `topk_logprobs` arrays, opened without reading their
+    data, and its `vocab_size`; `shape` is that of the arrays, (..., k)."""
+
+    def __init__(self, path: Path, ids: ArrayFile, logprobs: ArrayFile, vocab_size: int):
+        self.path, self.ids, self.logprobs, self.vocab_size = path, ids, logprobs, vocab_size
+        self.shape, self.dtype = logprobs.shape, logprobs.dtype
+
+    @property
+    def k(self) -> int:
+        return self.shape[-1]
+
+    def as_input(self) -> TopK:
+        """The kdaudit.metrics input (the arrays are read chunk by chunk from it)."""
+        return TopK(self.ids, self.logprobs, self.vocab_size)
+
+    def close(self) -> None:
+        self.ids.close()
+        self.logprobs.close()
+
+
+def open_logits(path: str | Path) -> ArrayFile | TopkFile:
+    """A logits file's `logits` array, or a top-k file (one holding `topk_ids`)."""
+    path = Path(path)
+    names = array_names(path)
+    if "topk_ids" not in names:
+        return open_array(path)
+    missing = [key for key in TOPK_KEYS if key not in names]
+    if missing:
+        raise CompareError(f"{path}: holds topk_ids but not {', '.join(missing)}; a top-k file "
+                           f"needs {', '.join(TOPK_KEYS)}")  # fmt: skip
+    vocab = open_array(path, "vocab_size")
+    try:
+        value = vocab.load()
+    finally:
+        vocab.close()
+    if value.numel() != 1 or value.dtype.is_floating_point or int(value.reshape(-1)[0]) < 2:
+        raise CompareError(f"{path}: vocab_size must be one integer >= 2 (the number of "
+                           f"classes), got {value.tolist()}")  # fmt: skip
+    ids, logprobs = open_array(path, "topk_ids"), open_array(path, "topk_logprobs")
+    return TopkFile(path, ids, logprobs, int(value.reshape(-1)[0]))
+
+
+def array_names(path: Path) -> list[str]:
+    """The arrays an .npz or .safetensors file holds (others: none named)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+        if suffix == ".safetensors":
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                return [k for k in json.loads(f.read(header_len)) if k != "__metadata__"]
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile):
+        return []  # open_array reports the unreadable file
+    return []
 
 
 def open_array(path: str | Path, key: str = "logits") -> ArrayFile:
