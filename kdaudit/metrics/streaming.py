@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kdaudit.metrics import METRICS
-from kdaudit.metrics.topk import PROBLEMS, TopK, TopkChunk, row_problems
+from kdaudit.metrics.topk import PROBLEMS, TopK, TopkChunk
 
 # Rows per chunk. On a 2-core CPU with K = 65 (benchmarks/metrics_bench.py), 1024 to 4096
 # rows were equally fast and larger chunks were no faster but needed more memory. Each
@@ -321,12 +321,10 @@ class _TopkSource:
         if not _is_integer(ids) or _is_integer(logprobs):
             raise ValueError(f"{self.x.name}: topk_ids have dtype {ids.dtype} and topk_logprobs "
                              f"{logprobs.dtype}; pass integer ids and float log-probabilities")  # fmt: skip
-        ids = ids.long()
-        for problem, rows in row_problems(ids, logprobs, self.x.classes).items():
+        chunk = TopkChunk.from_topk(ids.long(), logprobs, self.x.classes, view or self.x.k)
+        for problem, rows in chunk.problems.items():
             self.bad[problem].update(rows, start)
-        # Bad ids would index out of range below; such a pass ends in InvalidTopK anyway.
-        ids = ids.clamp(0, self.x.classes - 1)
-        return TopkChunk.from_topk(ids, logprobs, self.x.classes, view or self.x.k)
+        return chunk
 
     def raise_if_bad(self, model: int | None, lead_shape: tuple[int, ...]) -> None:
         for problem, bad in self.bad.items():

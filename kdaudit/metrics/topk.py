@@ -106,28 +106,14 @@ def resolution(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
 
-def row_problems(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
-    """(B,) masks of the rows with each of PROBLEMS. ids (B, k) int64, logprobs (B, k)."""
-    lp = logprobs.double()
-    by_id = torch.sort(ids, dim=1).values
-    # The mass may exceed 1 by the rounding of the stored log-probabilities: at most eps
-    # relative on each, i.e. eps * (1 + entropy) <= eps * (1 + log V) on their sum.
-    tol = 4.0 * resolution(logprobs.dtype) * (1.0 + math.log(vocab))
-    return {
-        "ids": ((ids < 0) | (ids >= vocab)).any(dim=1),
-        "repeated": (by_id[:, 1:] == by_id[:, :-1]).any(dim=1),
-        "non_finite": ~torch.isfinite(lp).all(dim=1),
-        "mass": torch.logsumexp(lp, dim=1) > tol,
-    }
-
-
 class TopkChunk:
     """One model's top-k view of a chunk of B rows: ranked ids and float64 log-probs, its
     tail mass and the per-class tail estimate. The same interface as a full-logit chunk
     (order, aligned, nll, dense_probs), so every accumulator takes either."""
 
-    def __init__(self, order: torch.Tensor, log_p: torch.Tensor, vocab: int, floor: float):
-        """order: (B, k) int64 ids ranked; log_p: (B, k) float64, in that order."""
+    def __init__(self, order, log_p, vocab: int, floor: float, by_id=None, log_p_by_id=None):
+        """order: (B, k) int64 ids ranked; log_p: (B, k) float64, in that order; by_id and
+        log_p_by_id: the same sorted by id, when the caller has them."""
         self.order, self.log_p, self.vocab, self.floor = order, log_p, vocab, floor
         self.k = order.shape[1]
         self.tail = (-torch.expm1(torch.logsumexp(log_p, dim=1))).clamp_min(0.0)  # (B,) r
@@ -137,8 +123,12 @@ class TopkChunk:
             if outside
             else torch.full_like(self.tail, -math.inf)
         )
-        self.by_id, perm = torch.sort(order, dim=1)  # (B, k) for lookups by id
-        self.log_p_by_id = log_p.gather(1, perm)
+        if by_id is None:
+            by_id, perm = torch.sort(order, dim=1)
+            log_p_by_id = log_p.gather(1, perm)
+        self.by_id, self.log_p_by_id = by_id, log_p_by_id  # (B, k) for lookups by id
+        self.problems: dict[str, torch.Tensor] = {}
+        self._nll = None
 
     @classmethod
     def from_logits(cls, z: torch.Tensor, k: int) -> TopkChunk:
@@ -150,12 +140,28 @@ class TopkChunk:
 
     @classmethod
     def from_topk(cls, ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, k: int):
-        """ids, logprobs: (B, k_in) as stored (any order), k <= k_in the view's k."""
-        by_id, perm = torch.sort(ids.long(), dim=1)
+        """ids (B, k_in) int64, logprobs (B, k_in) as stored (any order); k <= k_in is the
+        view's k. The chunk's `problems` are (B,) masks of the rows with each of PROBLEMS;
+        out-of-range ids are clamped so that the pass can run on to report them."""
+        by_id, perm = torch.sort(ids, dim=1)
         lp = logprobs.double().gather(1, perm)
+        # The mass may exceed 1 by the rounding of the stored log-probabilities: at most eps
+        # relative on each, i.e. eps * (1 + entropy) <= eps * (1 + log V) on their sum.
+        tol = 4.0 * resolution(logprobs.dtype) * (1.0 + math.log(vocab))
+        problems = {
+            "ids": (by_id[:, 0] < 0) | (by_id[:, -1] >= vocab),
+            "repeated": (by_id[:, 1:] == by_id[:, :-1]).any(dim=1),
+            "non_finite": ~torch.isfinite(lp).all(dim=1),
+            "mass": torch.logsumexp(lp, dim=1) > tol,
+        }
+        by_id = by_id.clamp(0, vocab - 1)
         # by id first, then a stable sort by log-prob: equal log-probs keep the lower id first
         rank = torch.sort(lp, dim=1, descending=True, stable=True).indices[:, :k]
-        return cls(by_id.gather(1, rank), lp.gather(1, rank), vocab, resolution(logprobs.dtype))
+        sorted_view = (by_id, lp) if k == ids.shape[1] else (None, None)
+        chunk = cls(by_id.gather(1, rank), lp.gather(1, rank), vocab,
+                    resolution(logprobs.dtype), *sorted_view)  # fmt: skip
+        chunk.problems = problems
+        return chunk
 
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(ids), found): (B, m) float64 log-probs of the classes ids (B, m), the tail
@@ -181,6 +187,12 @@ class TopkChunk:
 
     def nll(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) -log p(y) (the tail estimate, floored, where y is outside) and (B,) outside."""
+        if self._nll is not None and self._nll[0] is y:  # the loss and the count both ask
+            return self._nll[1]
+        self._nll = (y, self._compute_nll(y))
+        return self._nll[1]
+
+    def _compute_nll(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_p, found = self.lookup(y[:, None])
         outside = self.vocab - self.k
         if outside:
