@@ -316,3 +316,14 @@ def test_the_registry_says_which_metrics_are_approximate():
         m for m in kinds if m in approx
     )
     assert topk_approximate([{}], None, 9) == ()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_top_k_inputs_match_cpu():
+    teacher, model, labels = logits_with_ties(n=1000)
+    t, m = topk_file(teacher, 4), topk_file(model, 4, dtype=np.float32)
+    cpu = functional_similarity(t, m, labels, chunk_size=128)
+    cuda = [TopK(torch.from_numpy(x.ids).cuda(), torch.from_numpy(x.logprobs).cuda(), 9)
+            for x in (t, m)]  # fmt: skip
+    got = functional_similarity(*cuda, torch.from_numpy(labels).cuda(), chunk_size=128)
+    assert_metrics_equal(got, cpu, rel=1e-9)

@@ -182,7 +182,6 @@ def accuracy_and_loss(
     For `TopK` log-probabilities the loss is exact where the label is in the top-k and the
     tail estimate elsewhere (kdaudit.metrics.topk), from all of the input's k classes."""
     (model,), flat_labels, lead_shape, _ = _validated([logits], ["logits"], labels)
-    view = model.k if isinstance(model, _TopkInput) else None
     n = flat_labels.shape[0]
     device = _compute_device(*model.data)
     rows = _chunk_rows(chunk_size, model.width)
@@ -192,9 +191,9 @@ def accuracy_and_loss(
     with torch.no_grad():
         for start in range(0, n, rows):
             y = _to_device(flat_labels[start : start + rows], device).long()  # (B,)
-            chunk = source.chunk(start, start + rows, view)
-            correct += (chunk.order[:, 0] == y).sum()  # ties: the first maximum, as the sort
-            nll += chunk.nll(y)[0].sum()
+            top1, nll_sum = source.top1_and_nll(start, start + rows, y)
+            correct += (top1 == y).sum()
+            nll += nll_sum
         source.raise_if_bad(None, lead_shape)
     return int(correct) / n, float(nll) / n
 
@@ -289,6 +288,13 @@ class _FullSource:
         self.bad.update(~torch.isfinite(z).all(dim=1), start)
         return _Chunk(z) if view is None else TopkChunk.from_logits(z, view)
 
+    def top1_and_nll(self, start: int, stop: int, y: torch.Tensor):
+        """(B,) top-1 classes and the summed cross-entropy of rows [start, stop)."""
+        z = _to_device(self.rows[start:stop], self.device).double()  # (B, K)
+        self.bad.update(~torch.isfinite(z).all(dim=1), start)
+        # argmax gives the first maximum, as the stable sort of the metrics does; no sort here
+        return z.argmax(dim=1), torch.nn.functional.cross_entropy(z, y, reduction="sum")
+
     def raise_if_bad(self, model: int | None, lead_shape: tuple[int, ...]) -> None:
         _raise_if_bad(self.bad, _NON_FINITE + self.x.name, lead_shape, NonFiniteLogits, model)
 
@@ -325,6 +331,10 @@ class _TopkSource:
         for problem, rows in chunk.problems.items():
             self.bad[problem].update(rows, start)
         return chunk
+
+    def top1_and_nll(self, start: int, stop: int, y: torch.Tensor):
+        chunk = self.chunk(start, stop, None)
+        return chunk.order[:, 0], chunk.nll(y)[0].sum()
 
     def raise_if_bad(self, model: int | None, lead_shape: tuple[int, ...]) -> None:
         for problem, bad in self.bad.items():
