@@ -1,9 +1,9 @@
 """Peak memory and time of `kdaudit compare` on top-k files of many tokens.
 
     python benchmarks/topk_memory.py [--n 10000000] [--k 20] [--vocab 32000]
-        [--also 1000000] [--dir DIR] [--keep]
+        [--students kd,siddo,rcd] [--also 1000000] [--dir DIR] [--keep]
 
-Writes a teacher's and three students' (kd, siddo, rcd) top-k files, `topk_ids` int32 and
+Writes a teacher's and the students' (default kd, siddo, rcd) top-k files, `topk_ids` int32 and
 `topk_logprobs` fp32 of shape (N, k) in stored .npz files (1.6 GB each at the defaults)
 plus int64 labels, runs `kdaudit compare` on them in a subprocess and prints its wall time
 and peak resident memory (ru_maxrss of the child; the files are written by another child,
@@ -38,12 +38,12 @@ SHIFT = {"teacher": 0, "kd": 1, "siddo": 4, "rcd": 5}  # most places a student's
 SETTINGS = {"teacher": ",,0,", "kd": "0.5,1,10,0", "siddo": ",,10,0", "rcd": "0.5,1,10,0"}
 
 
-def write_files(folder: Path, n: int, k: int, vocab: int) -> None:
+def write_files(folder: Path, n: int, k: int, vocab: int, students: list[str]) -> None:
     """Every model's .npz (members written as .npy memmaps, then stored in the zip)."""
     rng = np.random.default_rng(0)
     stride_max = vocab // (k + 6)  # k + 5 consecutive multiples stay distinct mod vocab
     arrays = {}
-    for name in SHIFT:
+    for name in ["teacher", *students]:
         ids = np.lib.format.open_memmap(folder / f"{name}_ids.npy", "w+", np.int32, (n, k))
         lp = np.lib.format.open_memmap(folder / f"{name}_lp.npy", "w+", np.float32, (n, k))
         arrays[name] = (ids, lp)
@@ -74,7 +74,7 @@ def write_files(folder: Path, n: int, k: int, vocab: int) -> None:
         (folder / f"{name}_lp.npy").unlink()
     labels.flush()
     lines = ["role,alpha,temperature,seed,teacher_seed,path", "labels,,,,,labels.npy"]
-    lines += [f"{name},{SETTINGS[name]},{name}.npz" for name in SHIFT]
+    lines += [f"{name},{SETTINGS[name]},{name}.npz" for name in arrays]
     (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -89,17 +89,18 @@ def ids_of(pair, start: int, rows: int) -> np.ndarray:
 def measure(n: int, args: argparse.Namespace) -> None:
     folder = Path(args.dir or tempfile.mkdtemp(prefix="kdaudit-topk-memory-")) / f"n{n}"
     folder.mkdir(parents=True, exist_ok=True)
-    needed = len(SHIFT) * n * args.k * 8 * 2 + n * 8  # the .npy members and their zip copy
+    models = 1 + len(args.students.split(","))
+    needed = models * n * args.k * 8 * 2 + n * 8  # the .npy members and their zip copy
     free = shutil.disk_usage(folder).free
     if free < needed * 1.1:
         raise SystemExit(f"{folder}: {free / 1e9:.1f} GB free, need {needed / 1e9:.1f} GB")
     try:
         start = time.perf_counter()
         writer = [sys.executable, __file__, "--write-only", "--dir", str(folder), "--n", str(n),
-                  "--k", str(args.k), "--vocab", str(args.vocab)]  # fmt: skip
+                  "--k", str(args.k), "--vocab", str(args.vocab), "--students", args.students]  # fmt: skip
         subprocess.run(writer, check=True)
         size = sum(f.stat().st_size for f in folder.glob("*.npz")) / 1e9
-        print(f"N={n:,}: wrote {len(SHIFT)} top-{args.k} files ({size:.2f} GB) in "
+        print(f"N={n:,}: wrote {models} top-{args.k} files ({size:.2f} GB) in "
               f"{time.perf_counter() - start:.0f} s; load average {_load()}", flush=True)  # fmt: skip
         result = run_compare(folder / "manifest.csv", folder / "out")
         print(f"N={n:,}: compare wall {result['wall_s']:.1f} s, CPU {result['cpu_s']:.1f} s, "
@@ -116,13 +117,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10_000_000, help="tokens (positions)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--vocab", type=int, default=32_000)
+    p.add_argument("--students", default="kd,siddo,rcd", help="comma-separated conditions")
     p.add_argument("--also", type=int, default=1_000_000, help="a smaller N measured first")
     p.add_argument("--dir", type=Path, help="work folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the files")
     p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.write_only:  # the child process that writes the files
-        write_files(args.dir, args.n, args.k, args.vocab)
+        write_files(args.dir, args.n, args.k, args.vocab, args.students.split(","))
         return
     print(f"machine: {os.cpu_count()} CPUs, load average {_load()}")
     for n in ([args.also] if args.also else []) + [args.n]:

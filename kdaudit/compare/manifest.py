@@ -16,8 +16,9 @@ A CSV file with a header row; one row per model, plus one `labels` row:
 - seed: the student seed (pairs runs across conditions); for a teacher, its teacher seed.
 - teacher_seed: the teacher a student was distilled from or paired with (default 0, also
   when the column is absent).
-- path: the logits (or labels) file; relative paths are resolved against the manifest's
-  folder. The labels row needs only its path.
+- path: the logits (or labels) file, or a top-k file (kdaudit.compare.files: topk_ids,
+  topk_logprobs, vocab_size); relative paths are resolved against the manifest's folder.
+  The labels row needs only its path.
 
 Columns alpha, temperature and teacher_seed may be left out. Whitespace around values is
 ignored; empty lines are skipped.

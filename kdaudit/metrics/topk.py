@@ -129,6 +129,7 @@ class TopkChunk:
         self.by_id, self.log_p_by_id = by_id, log_p_by_id  # (B, k) for lookups by id
         self.problems: dict[str, torch.Tensor] = {}
         self._nll = None
+        self._lookups: dict[int, tuple] = {}  # id(ids) -> (ids, result): the overlap and JS share
 
     @classmethod
     def from_logits(cls, z: torch.Tensor, k: int) -> TopkChunk:
@@ -166,9 +167,14 @@ class TopkChunk:
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(ids), found): (B, m) float64 log-probs of the classes ids (B, m), the tail
         estimate where a class is outside this top-k, and whether it is inside."""
+        seen = self._lookups.get(id(ids))
+        if seen is not None and seen[0] is ids:
+            return seen[1]
         pos = torch.searchsorted(self.by_id, ids.contiguous()).clamp_max(self.k - 1)
         found = self.by_id.gather(1, pos) == ids
-        return torch.where(found, self.log_p_by_id.gather(1, pos), self.log_fill[:, None]), found
+        result = torch.where(found, self.log_p_by_id.gather(1, pos), self.log_fill[:, None]), found
+        self._lookups[id(ids)] = (ids, result)
+        return result
 
     def aligned(self, other: TopkChunk):
         """(log p, log q, p, q): (B, 2k + 1) float64, this model's and the other's mass on
