@@ -12,7 +12,9 @@ every k (capped at V: a k >= V file holds the whole distribution), compares them
 per k and metric the largest and mean absolute error over the student runs against the
 full-logit compare, and whether any verdict, asymmetry label or significance decision
 changed. A last row compares k = V files in float64, where every metric must equal the
-full-logit one to 1e-9. The table is also written to WORK/topk_approximation.csv.
+full-logit one to 1e-9. The table is written to WORK/topk_approximation.csv as each k
+completes (a rerun with the same --work skips the k already there), and each compare's
+runs.csv is kept as WORK/runs_top{k}_{dtype}.csv.
 """
 
 from __future__ import annotations
@@ -128,12 +130,17 @@ def run(args) -> pd.DataFrame:
     if not (args.dir / "experiment.yaml").is_file() or args.train:
         train(args.dir, args.data_dir)
     manifest, runs = full_manifest(args.dir, args.data_dir, work)
-    full, seconds = audit(manifest, work / "out_full")
+    full, seconds = audit(manifest, work / "out_full")  # a rerun reads the metrics cache
     v = int(np.load(runs[0]["logits"], mmap_mode="r").shape[1])
     print(f"{len(runs)} runs, V={v}, full-logit compare {seconds:.1f} s")
     print("\n".join(full.verdict_lines()))
-    rows, cases = [], [(min(k, v), args.dtype, k) for k in args.ks] + [(v, "float64", v)]
+    table_file = work / "topk_approximation.csv"
+    done = pd.read_csv(table_file) if table_file.is_file() else pd.DataFrame()
+    rows = done.to_dict("records")
+    cases = [(min(k, v), args.dtype, k) for k in args.ks] + [(v, "float64", v)]
     for k, dtype, asked in cases:
+        if len(done) and ((done.k == k) & (done.dtype == dtype)).any():
+            continue
         folder = work / f"top{k}_{dtype}"
         folder.mkdir(exist_ok=True)
         files = [write_topk(r["logits"], folder / f"{i}.npz", k, dtype, i)
@@ -151,9 +158,10 @@ def run(args) -> pd.DataFrame:
               f"{seconds:.1f} s; {len(found)} verdict/significance change(s)")  # fmt: skip
         for line in found:
             print(f"  {line}")
+        topk.runs.to_csv(work / f"runs_top{k}_{dtype}.csv", index=False)
+        pd.DataFrame(rows).to_csv(table_file, index=False)
         shutil.rmtree(folder)  # up to 2.4 GB each
     table = pd.DataFrame(rows)
-    table.to_csv(work / "topk_approximation.csv", index=False)
     print_table(table)
     print(f"\nwritten: {work / 'topk_approximation.csv'}")
     return table
