@@ -18,7 +18,7 @@ import torch
 
 from kdaudit.cli import main
 from kdaudit.hf import LogitsError
-from kdaudit.hf.identity import ManifestRow
+from kdaudit.hf.identity import ManifestRow, append_row
 from kdaudit.hf.score import LogitsOptions, score
 from kdaudit.hf.windows import batches, windows
 from tests.hf_helpers import TEXT, bpe_tokenizer, char_tokenizer, save_model
@@ -278,6 +278,16 @@ def test_manifest_rows_are_appended_once_checked_and_read_by_compare(models, cor
     with pytest.raises(LogitsError, match="already lists kd seed 10"):
         score(models["llama"], corpus, tmp_path / "audit" / "kd2.npy",
               LogitsOptions(row=ManifestRow("kd", 10, 0.5), **opts))  # fmt: skip
+
+
+def test_a_row_is_appended_on_its_own_line_to_a_hand_written_manifest(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("role,seed,path\nteacher,0,t.npy")  # no newline at the end
+    line = append_row(manifest, ManifestRow("siddo", 10), tmp_path / "s.npy", None)
+    assert line == "siddo,10,s.npy"
+    assert manifest.read_text().splitlines() == ["role,seed,path", "teacher,0,t.npy", line]
+    with pytest.raises(LogitsError, match="no column 'alpha'"):
+        append_row(manifest, ManifestRow("kd", 10, 0.5), tmp_path / "k.npy", None)
 
 
 # ---------------------------------------------------------------- errors and the CLI

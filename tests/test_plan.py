@@ -190,7 +190,7 @@ def test_bad_calls_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="num_classes must be an integer >= 2"):
         kdaudit.plan(tmp_path / "k", num_classes=1, **GRID)
     plan = kdaudit.plan(tmp_path / "p", num_classes=K, **GRID)
-    with pytest.raises(StoreLocked, match="in use by another"):
+    with pytest.raises(StoreLocked, match="held by an earlier plan of this process"):
         kdaudit.plan(tmp_path / "p", num_classes=K, **GRID)
     runs = plan.runs()
     kd = [r for r in runs if r.condition == "kd"][0]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -45,7 +46,7 @@ from kdaudit.conditions import CONDITIONS, condition
 from kdaudit.conditions.objectives import Batch, build_objective
 from kdaudit.config import AnalysisOptions, ConfigError, ExperimentConfig, from_dict, to_dict
 from kdaudit.protocol import RunSpec, expand
-from kdaudit.store import RunStore, code_version
+from kdaudit.store import RunStore, StoreLocked, code_version
 
 OWN_LOOP = "your own training loop (kdaudit.plan)"
 IGNORE_INDEX = -100  # labels of positions without a target (Hugging Face's convention)
@@ -120,7 +121,14 @@ class Plan:
         self.store = RunStore(self.out)
         self.grid = expand(cfg)
         self._held = ExitStack()
-        self._held.enter_context(self.store.lock())  # one writer per directory
+        try:
+            self._held.enter_context(self.store.lock())  # one writer per directory
+        except StoreLocked:
+            if (self.store.lock_holder() or {}).get("pid") != os.getpid():
+                raise
+            raise StoreLocked(f"{self.out} is held by an earlier plan of this process: call "
+                              "its close() first (or open plans with `with kdaudit.plan(...) "
+                              "as plan:`)") from None  # fmt: skip
         self.store.recover()  # damaged runs moved aside: pending again
         self.store.save_experiment(cfg)
 
@@ -215,7 +223,10 @@ class PlannedRun:
             raise ValueError(f"{self.label}: the {self.condition} loss needs teacher_logits, "
                              "the teacher's logits on the same batch")  # fmt: skip
         self._teacher_rows = zt
-        return self._built()(z.float(), Batch(None, None, y))
+        try:
+            return self._built()(z.float(), Batch(None, None, y))
+        finally:
+            self._teacher_rows = None  # the batch's teacher logits are not kept
 
     def _rows(self, z: torch.Tensor, y: torch.Tensor, zt: torch.Tensor | None):
         k = self.num_classes

@@ -214,6 +214,8 @@ def append_row(manifest: Path, row: ManifestRow, path: Path, labels: Path | None
         new = _new_rows(manifest, header, rows, values, labels)
         if not manifest.stat().st_size:
             f.write(csv_line(dict(zip(COLUMNS, COLUMNS, strict=True))) + "\n")
+        elif not manifest.read_bytes().endswith(b"\n"):
+            f.write("\n")  # a last line without its newline, as an editor may leave it
         for line in new:
             f.write(csv_line(line, header) + "\n")
         f.flush()
@@ -223,6 +225,8 @@ def append_row(manifest: Path, row: ManifestRow, path: Path, labels: Path | None
 
 def _new_rows(manifest: Path, header: list[str], rows: list[dict], values: dict,
               labels: Path | None) -> list[dict]:  # fmt: skip
+    if "teacher_seed" not in header and _key(values) == _key({**values, "teacher_seed": ""}):
+        values = {**values, "teacher_seed": ""}  # the default, which compare assumes
     needed = [c for c, v in values.items() if v and c not in header]
     if needed:
         raise LogitsError(f"--manifest {manifest} has no column {needed[0]!r} for this row; "
