@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -35,7 +33,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     from tokenizers import Tokenizer, models
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -55,7 +52,8 @@ def main() -> None:
         corpus.write_text(text[int(0.9 * len(text)) :][: args.tokens + 1], encoding="utf-8")
         argv = ["logits", str(tmp / "model"), str(corpus), "--out", str(tmp / "out.npz"),
                 "--context", str(args.context), "--stride", str(args.stride),
-                "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
+                "--batch-size", str(args.batch_size), "--device", args.device,
+                "--threads", str(args.threads)]  # fmt: skip
         if args.top_k:
             argv += ["--top-k", str(args.top_k)]
         else:

@@ -99,6 +99,9 @@ def _logits_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="windows per forward pass (default 8)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: every core; on a busy machine one "
+                        "thread can be several times faster)")  # fmt: skip
     p.add_argument("--reference", type=Path, metavar="FILE",
                    help="refuse unless the tokenizer, token ids and vocabulary match this file "
                         "of kdaudit logits (say, the teacher's)")  # fmt: skip
@@ -169,7 +172,8 @@ def _logits(args: argparse.Namespace) -> int:
         row = ManifestRow(args.role, args.seed, args.alpha, args.temperature, args.teacher_seed)
     options = LogitsOptions(
         top_k=args.top_k, labels=args.labels, context=args.context, stride=args.stride,
-        batch_size=args.batch_size, device=args.device, reference=args.reference,
+        batch_size=args.batch_size, device=args.device, threads=args.threads,
+        reference=args.reference,
         manifest=args.manifest, row=row,
     )  # fmt: skip
     _quiet_transformers()

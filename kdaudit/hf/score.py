@@ -41,6 +41,7 @@ class LogitsOptions:
     stride: int | None = None  # new positions per window; None: context // 2
     batch_size: int = 8  # windows per forward pass
     device: str = "auto"  # auto | cpu | cuda[:N]
+    threads: int | None = None  # torch CPU threads (None: torch's default, every core)
     reference: Path | None = None  # a file of `kdaudit logits` this one must be comparable with
     manifest: Path | None = None  # a compare manifest to check against and append `row` to
     row: ident.ManifestRow | None = None  # this model's manifest row
@@ -74,6 +75,8 @@ def score(
     """Write the model's logits on the corpus to `out` (resuming a run cut short)."""
     model_dir, out = Path(model_dir), Path(out)
     _check_paths(model_dir, out, options)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     tokenizer = _tokenizer(model_dir)
     ids = load_corpus(corpus, tokenizer)  # (N, L)
     device = _device(options.device)
