@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import kdaudit.api
 from kdaudit.cli import main
 from kdaudit.hf import LogitsError
 from kdaudit.hf.identity import ManifestRow, append_row
@@ -272,6 +273,10 @@ def test_manifest_rows_are_appended_once_checked_and_read_by_compare(models, cor
                      "siddo,,,10,0,siddo.npy"]  # fmt: skip
     parsed = read_manifest(manifest)
     assert [r.label for r in parsed.students] == ["kd_a0.5_T1_t0_s10", "siddo_t0_s10"]
+    result = kdaudit.api.compare(manifest, tmp_path / "compared")  # the files are readable
+    accuracy = result.runs[(result.runs.metric == "accuracy") & (result.runs.condition == "kd")]
+    labels, kd = np.load(tmp_path / "audit" / "y.npy"), np.load(tmp_path / "audit" / "kd.npy")
+    assert accuracy.value.item() == pytest.approx((kd.argmax(-1) == labels).mean(), abs=1e-12)
     with pytest.raises(LogitsError, match="tokenizer differs"):
         score(models["bpe"], corpus, tmp_path / "audit" / "rcd.npy",
               LogitsOptions(row=ManifestRow("rcd", 10, 0.5), **opts))  # fmt: skip
