@@ -202,7 +202,7 @@ def test_bad_calls_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="teacher \\(seed 0\\) is not recorded yet"):
         kd.record(z, torch.zeros(5, dtype=torch.long))
     plan.record_teacher(0, z, torch.zeros(5, dtype=torch.long))
-    with pytest.raises(ValueError, match="test labels differ from its teacher's"):
+    with pytest.raises(ValueError, match="test labels differ from those recorded before"):
         kd.record(z, torch.ones(5, dtype=torch.long))
     with pytest.raises(ValueError, match="recorded already with other test outputs"):
         plan.record_teacher(0, z + 1, torch.zeros(5, dtype=torch.long))

@@ -46,7 +46,7 @@ from kdaudit.conditions import CONDITIONS, condition
 from kdaudit.conditions.objectives import Batch, build_objective
 from kdaudit.config import AnalysisOptions, ConfigError, ExperimentConfig, from_dict, to_dict
 from kdaudit.protocol import RunSpec, expand
-from kdaudit.store import RunStore, StoreLocked, code_version
+from kdaudit.store import RunStore, StoreLocked, atomic_save_array, code_version
 
 OWN_LOOP = "your own training loop (kdaudit.plan)"
 IGNORE_INDEX = -100  # labels of positions without a target (Hugging Face's convention)
@@ -299,17 +299,17 @@ def _record(plan: Plan, spec: RunSpec, test_logits, labels, train: dict) -> None
     if store.is_complete(spec.run_id):
         _check_same_record(store, spec, logits)
         return
+    _keep_labels(plan.out, y, spec)
     from kdaudit.metrics.streaming import accuracy_and_loss, functional_similarity
 
     accuracy, loss = accuracy_and_loss(logits, y)
     record = {
         "metrics": {**train, "test_accuracy": accuracy, "test_loss": loss},
-        "labels_sha256": _sha256(y),
         "steps": None,
         "engine": {"loop": OWN_LOOP},
     }
     if not spec.is_teacher:
-        teacher = _teacher_record(store, spec, y, logits.shape)
+        teacher = _teacher_record(store, spec, logits.shape)
         record["similarity"] = functional_similarity(teacher, logits, y)
     store.write(spec, {**record, **_provenance()}, {"test_logits": logits})
     store.clear_running(spec.run_id)
@@ -337,16 +337,27 @@ def _as_labels(labels) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _teacher_record(store: RunStore, spec: RunSpec, y: np.ndarray, shape) -> np.ndarray:
-    """The teacher's stored test logits, after checking it saw the same examples."""
+def _keep_labels(out: Path, y: np.ndarray, spec: RunSpec) -> None:
+    """The test labels, kept once in the run directory (kdaudit.store.copied reads them
+    there: kdaudit never loads the data of your own loop); every run must share them."""
+    from kdaudit.store.copied import TEST_LABELS
+
+    path = out / TEST_LABELS
+    if not path.is_file():
+        atomic_save_array(path, y)
+    elif not np.array_equal(np.load(path, mmap_mode="r"), y):
+        raise ValueError(f"{spec.label}: its test labels differ from those recorded before "
+                         f"({path}); record every model on the same test examples in the same "
+                         "order")  # fmt: skip
+
+
+def _teacher_record(store: RunStore, spec: RunSpec, shape) -> np.ndarray:
+    """The teacher's stored test logits."""
     if not store.is_complete(spec.teacher_id):
         raise ValueError(f"{spec.label}: its teacher (seed {spec.teacher_seed}) is not "
                          "recorded yet; record it first (plan.record_teacher, or the "
                          "teacher's PlannedRun.record)")  # fmt: skip
-    teacher = store.array(spec.teacher_id, "test_logits")
-    if store.record(spec.teacher_id).get("labels_sha256") != _sha256(y):
-        raise ValueError(f"{spec.label}: its test labels differ from its teacher's; record "
-                         "every model on the same test examples in the same order")  # fmt: skip
+    teacher = store.array(spec.teacher_id, "test_logits")  # on the same labels: _keep_labels
     if teacher.shape != shape:
         raise ValueError(f"{spec.label}: test logits {shape} but the teacher's {teacher.shape}")
     return teacher
@@ -357,10 +368,6 @@ def _check_same_record(store: RunStore, spec: RunSpec, logits: np.ndarray) -> No
     if not np.array_equal(store.array(spec.run_id, "test_logits"), logits):
         raise ValueError(f"{spec.label} is recorded already with other test outputs; a "
                          "changed model is a new audit: give plan() another out or recipe")  # fmt: skip
-
-
-def _sha256(y: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(y, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _provenance() -> dict:
