@@ -78,7 +78,42 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("manifest", type=Path)
     compare.add_argument("--out", type=Path, help="output folder (default: runs/<manifest name>)")
     compare.set_defaults(func=_compare)
+    _logits_parser(sub)
     return p
+
+
+def _logits_parser(sub) -> None:
+    p = sub.add_parser("logits", help="score a saved Hugging Face causal LM on a corpus "
+                       "(test logits for kdaudit compare)")  # fmt: skip
+    p.add_argument("model_dir", type=Path, help="a folder written by save_pretrained")
+    p.add_argument("corpus", type=Path, help=".txt, .jsonl (a text field) or token ids .npy")
+    p.add_argument("--out", type=Path, required=True,
+                   help="FILE.npy (full logits) or, with --top-k, FILE.npz")  # fmt: skip
+    p.add_argument("--top-k", type=int, metavar="K", help="store the top-k log-probabilities")
+    p.add_argument("--labels", type=Path, metavar="LABELS.npy",
+                   help="also write the next-token ids (N, T) of the same positions")  # fmt: skip
+    p.add_argument("--context", type=int, metavar="N",
+                   help="tokens per window (default: the model's maximum, at most 1024)")  # fmt: skip
+    p.add_argument("--stride", type=int, metavar="N",
+                   help="new positions scored per window (default: context / 2)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="windows per forward pass (default 8)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: every core; on a busy machine one "
+                        "thread can be several times faster)")  # fmt: skip
+    p.add_argument("--reference", type=Path, metavar="FILE",
+                   help="refuse unless the tokenizer, token ids and vocabulary match this file "
+                        "of kdaudit logits (say, the teacher's)")  # fmt: skip
+    p.add_argument("--manifest", type=Path, metavar="CSV",
+                   help="check against every model of this compare manifest, then append "
+                        "this model's row (needs --role and --seed)")  # fmt: skip
+    p.add_argument("--role", help="the manifest role: teacher, siddo, kd, rcd, ls, ...")
+    p.add_argument("--seed", type=int, help="student seed (a teacher: its seed)")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--teacher-seed", type=int, help="the student's teacher (default 0)")
+    p.set_defaults(func=_logits)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -123,6 +158,70 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     _print_result(result)
     return 0
+
+
+def _logits(args: argparse.Namespace) -> int:
+    from kdaudit import api
+    from kdaudit.hf.identity import ManifestRow
+    from kdaudit.hf.score import LogitsOptions
+
+    row = None
+    if args.role is not None or args.seed is not None:
+        if args.role is None or args.seed is None:
+            raise ConfigError("give --role and --seed together (the model's manifest row)")
+        row = ManifestRow(args.role, args.seed, args.alpha, args.temperature, args.teacher_seed)
+    options = LogitsOptions(
+        top_k=args.top_k, labels=args.labels, context=args.context, stride=args.stride,
+        batch_size=args.batch_size, device=args.device, threads=args.threads,
+        reference=args.reference,
+        manifest=args.manifest, row=row,
+    )  # fmt: skip
+    _quiet_transformers()
+    with _TokenProgress() as progress:
+        result = api.logits(args.model_dir, args.corpus, args.out, options, progress.update)
+    if result.tokens:
+        print(f"{args.out}: {result.shape} written, {result.tokens} positions in "
+              f"{result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s)"
+              + (f", resumed after batch {result.resumed_at}" if result.resumed_at else ""))  # fmt: skip
+    else:
+        print(f"{args.out}: complete already ({result.shape})")
+    if result.appended:
+        print(f"appended to {args.manifest}: {result.row}")
+    else:
+        print(f"manifest row{'' if row else ' (fill in ROLE and SEED)'}: {result.row}")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """transformers' own bar for loading weights would interleave with ours."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return  # kdaudit.hf says how to install it
+    logging.disable_progress_bar()
+
+
+class _TokenProgress:
+    """A progress bar over batches of windows, with the positions scored."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.progress = Progress(*columns, console=Console(stderr=True))
+        self.task = None  # started at the first batch: an error before prints one line
+        return self
+
+    def update(self, done: int, total: int, tokens: int) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("batches", total=total, completed=done - 1)
+        self.progress.update(self.task, completed=done, description=f"{tokens} positions")
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.progress.stop()
 
 
 def _print_result(result) -> None:

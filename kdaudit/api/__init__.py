@@ -25,7 +25,7 @@ from kdaudit.config import (
 )
 from kdaudit.protocol import expand, smoke
 
-__all__ = ["AuditOptions", "audit", "compare", "report", "run", "status"]
+__all__ = ["AuditOptions", "audit", "compare", "logits", "plan", "report", "run", "status"]
 
 
 def run(
@@ -338,6 +338,17 @@ def compare(manifest: str | Path, out: str | Path | None = None, **options):
     return compare_logits(manifest, out, **options)
 
 
+def logits(model_dir: str | Path, corpus: str | Path, out: str | Path, options=None,
+           on_batch=None):  # fmt: skip
+    """Score a saved Hugging Face causal LM on a corpus and write its test logits (full, or
+    top-k log-probabilities) for `compare`; resumes a run cut short. `options`: a
+    kdaudit.hf.score.LogitsOptions; `on_batch(done, total, positions)` follows progress.
+    Returns a LogitsResult (shape, throughput, the manifest row)."""
+    from kdaudit.hf.score import LogitsOptions, score
+
+    return score(model_dir, corpus, out, options or LogitsOptions(), on_batch)
+
+
 def accuracy_by_condition(runs):
     """Mean, SEM and n of test accuracy per (teacher seed, condition, alpha, T, width)."""
     from kdaudit.store.tables import accuracy_by_condition as by_condition
@@ -345,11 +356,16 @@ def accuracy_by_condition(runs):
     return by_condition(runs)
 
 
-# Types a caller builds or catches, loaded with the part of kdaudit that defines them.
+# Types a caller builds or catches, and plan(), loaded with the part of kdaudit that defines
+# them.
 _TYPES = {
     "AuditResult": "kdaudit.report.result",
     "CompareError": "kdaudit.compare.errors",
     "ExecutorConfig": "kdaudit.executors.core",
+    "LogitsOptions": "kdaudit.hf.score",
+    "Plan": "kdaudit.api.own_loop",
+    "PlannedRun": "kdaudit.api.own_loop",
+    "plan": "kdaudit.api.own_loop",  # kdaudit.plan(...): your own training loop (loads torch)
     "RichReporter": "kdaudit.executors.progress",
 }
 

@@ -55,7 +55,10 @@ def load_teachers(out: str | Path, grid: Grid | None = None) -> pd.DataFrame:
         for t in grid.teachers
         if _intact(store, t.run_id)
     ]
-    return pd.DataFrame(rows, columns=TEACHER_COLUMNS)
+    # a metric stored as null (unknown: a teacher trained by your own loop) reads as NaN
+    return pd.DataFrame(rows, columns=TEACHER_COLUMNS).astype(
+        {c: float for c in TEACHER_COLUMNS[2:]}
+    )
 
 
 def accuracy_by_condition(runs: pd.DataFrame) -> pd.DataFrame:
