@@ -351,3 +351,26 @@ def test_logits_help_loads_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)  # fmt: skip
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_top_k_files_of_kdaudit_logits_are_read_by_compare(models, corpus, tmp_path):
+    """The two halves of issue 17 meet: top-k .npz files written by `kdaudit logits` (int32
+    ids) audited by `kdaudit compare`, whose exact top-1 metrics equal the full-logit run's."""
+    results = {}
+    for k in (None, 5):
+        folder = tmp_path / f"k{k}"
+        manifest = folder / "manifest.csv"
+        opts = dict(context=32, stride=16, manifest=manifest, labels=folder / "y.npy", top_k=k)
+        for role, seed, alpha, model in [("teacher", 0, None, "gpt2"), ("kd", 10, 0.5, "student"),
+                                         ("siddo", 10, None, "llama")]:  # fmt: skip
+            out = folder / f"{role}.{'npy' if k is None else 'npz'}"
+            score(models[model], corpus, out,
+                  LogitsOptions(row=ManifestRow(role, seed, alpha), **opts))  # fmt: skip
+        results[k] = kdaudit.api.compare(manifest, folder / "compared").runs
+    exact = ["accuracy", "prediction_disagreement", "correct_agreement", "incorrect_agreement"]
+    for name in exact:
+        full = results[None][results[None].metric == name].sort_values("condition").value
+        top = results[5][results[5].metric == name].sort_values("condition").value
+        np.testing.assert_allclose(
+            top.to_numpy(), full.to_numpy(), rtol=0, atol=1e-12, err_msg=name
+        )
