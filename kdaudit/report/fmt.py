@@ -24,6 +24,15 @@ def signed(x, digits: int = 3) -> str:
     return MISSING if is_missing(x) else f"{float(x):+.{digits}g}"
 
 
+def interval(low, high, unbounded: str = "[unbounded]") -> str:
+    """'[+0.01, +0.03]'; `unbounded` when a bound is infinite (too few pairs); '' when unknown."""
+    if is_missing(low) or is_missing(high):
+        return ""
+    if math.isinf(low) or math.isinf(high):
+        return unbounded
+    return f"[{signed(low)}, {signed(high)}]"
+
+
 def pct(x) -> str:
     if is_missing(x):
         return MISSING

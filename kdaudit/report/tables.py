@@ -329,13 +329,8 @@ def matrix_table(analysis: Analysis, pooled: bool = False) -> Table:
     return Table(name, caption, pd.DataFrame(rows, columns=headers))
 
 
-def _ci(interval) -> str:
-    low, high = interval
-    if fmt.is_missing(low) or fmt.is_missing(high):
-        return ""
-    if math.isinf(low) or math.isinf(high):
-        return "[unbounded]"
-    return f"[{fmt.signed(low)}, {fmt.signed(high)}]"
+def _ci(bounds) -> str:
+    return fmt.interval(*bounds)
 
 
 def _setting_labels(frame: pd.DataFrame) -> list[str]:

@@ -91,9 +91,7 @@ def _effects(s: SettingResult) -> str:
 
 
 def _interval(low: float, high: float) -> str:
-    if fmt.is_missing(low) or math.isinf(low) or math.isinf(high):
-        return "[unbounded at this n]"
-    return f"[{fmt.signed(low)}, {fmt.signed(high)}]"
+    return fmt.interval(low, high, unbounded="[unbounded at this n]")
 
 
 def _asymmetry(s: SettingResult, options: AnalysisOptions) -> str:

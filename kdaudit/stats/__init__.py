@@ -290,12 +290,13 @@ def _pooled(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _pool(pooled: SettingResult, settings: Sequence[SettingResult]) -> SettingResult:
     """A pooled setting with the count of teacher seeds and of their verdicts."""
-    same = [s for s in settings if s.condition == pooled.condition and _same_setting(s, pooled)]
+    same = [s for s in settings if s.condition == pooled.condition and same_setting(s, pooled)]
     verdicts = dict(Counter(s.verdict for s in same))
     return replace(pooled, n_teachers=len(same), teacher_verdicts=verdicts)
 
 
-def _same_setting(a: SettingResult, b: SettingResult) -> bool:
+def same_setting(a: SettingResult, b: SettingResult) -> bool:
+    """The same (alpha, T, width), whatever the teacher seed and condition; NaN equals NaN."""
     return all(
         (math.isnan(x) and math.isnan(y)) or math.isclose(x, y)
         for x, y in ((a.alpha, b.alpha), (a.temperature, b.temperature), (a.width, b.width))

@@ -25,6 +25,7 @@ from kdaudit.stats import (
     SETTING_KEYS,
     Analysis,
     SettingResult,
+    same_setting,
     select_runs,
     wide_table,
     with_width,
@@ -52,20 +53,9 @@ def remedies_frame(runs: pd.DataFrame, analysis: Analysis) -> pd.DataFrame:
 
 
 def _same_setting(analysis: Analysis, s: SettingResult, condition: str) -> SettingResult | None:
-    for other in analysis.settings:
-        if (
-            other.condition == condition
-            and other.teacher_seed == s.teacher_seed
-            and all(
-                _same(getattr(other, k), getattr(s, k)) for k in ("alpha", "temperature", "width")
-            )
-        ):
-            return other
-    return None
-
-
-def _same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9)
+    """`condition`'s setting at s's teacher seed, alpha, T and width."""
+    return next((o for o in analysis.settings if o.condition == condition
+                 and o.teacher_seed == s.teacher_seed and same_setting(o, s)), None)  # fmt: skip
 
 
 def _negative_cells(s: SettingResult | None) -> float:
