@@ -219,11 +219,21 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_file(models, tmp_path
     main([*args, "--out", str(tmp_path / "clean.npz")])
     out = tmp_path / "killed.npz"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "kdaudit.cli", *args, "--out",
-                             str(out)], env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    # The whole corpus takes well under a second on a fast machine, shorter than one commit
+    # interval: the killed process commits after every batch and is slowed to ~20 ms a batch
+    # (about 6 s in all), so the kill lands mid-way on any machine.
+    driver = (
+        "import sys, time; import kdaudit.hf.score as s; from kdaudit.cli import main\n"
+        "s.COMMIT_SECONDS = 0.0\n"
+        "values = s._values\n"
+        "s._values = lambda *a: (time.sleep(0.02), values(*a))[1]\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver, *args, "--out", str(out)],
+                            env=env, stderr=subprocess.DEVNULL)  # fmt: skip
     progress = tmp_path / "killed.npz.partial" / "progress.json"
     deadline = time.time() + 120
-    while time.time() < deadline:  # progress is committed every 2 s
+    while time.time() < deadline:
         if progress.is_file() and json.loads(progress.read_text())["batches"] >= 1:
             break
         time.sleep(0.05)
