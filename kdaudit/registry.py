@@ -8,7 +8,7 @@ object with a `name`, e.g. a condition or a metric, read by attribute, never by 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -20,6 +20,19 @@ class Entry(Generic[T]):
     build: Callable[..., T]
     config: type | None  # dataclass holding this entry's settings
     info: dict[str, Any] = field(default_factory=dict)  # static facts (e.g. a model's width)
+    about: str = ""  # one line for `kdaudit list`
+
+    def settings(self) -> dict[str, Any]:
+        """Its config's fields and their defaults (MISSING: required), `name` left out."""
+        if self.config is None:
+            return {}
+        return {f.name: _default(f) for f in fields(self.config) if f.name != "name"}
+
+
+def _default(f) -> Any:
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
 
 
 class Registry(Generic[T]):
@@ -37,9 +50,10 @@ class Registry(Generic[T]):
         return entry
 
     def register(
-        self, name: str, config: type | None = None, **info: Any
+        self, name: str, config: type | None = None, about: str = "", **info: Any
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator registering a builder `build(cfg, ...)` under `name`."""
+        """Decorator registering a builder `build(cfg, ...)` under `name`; `about` (default:
+        the first line of the builder's docstring) describes it in one line."""
 
         default = getattr(config, "__dataclass_fields__", {}).get("name")
         if default is not None and default.default not in (name, MISSING):
@@ -48,7 +62,8 @@ class Registry(Generic[T]):
                              f"to name {default.default!r}; give it a class of its own")  # fmt: skip
 
         def add(build: Callable[..., Any]) -> Callable[..., Any]:
-            self.add(Entry(name, build, config, info))
+            summary = about or " ".join((build.__doc__ or "").split("\n\n")[0].split())
+            self.add(Entry(name, build, config, info, summary))
             return build
 
         return add

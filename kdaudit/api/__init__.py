@@ -39,12 +39,15 @@ def run(
     retry_failed: bool = False,
     reporter=None,  # kdaudit.executors.progress.Reporter
     executor="local",  # "local", "ray", or a kdaudit.executors.ExecutorConfig
+    force_new_config: bool = False,
 ):
     """Run (or resume) the audit a config describes, then write its report. Returns an
     AuditResult whose `outcome` says what this call ran; its analysis and report are None
-    while no student run is complete."""
+    while no student run is complete. A config other than the one whose runs `out` holds
+    is refused (ConfigError) unless `force_new_config`."""
     from kdaudit.executors import run_grid
     from kdaudit.store import RunStore
+    from kdaudit.store.target import check_same_config, check_writable
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if smoke_test:
@@ -52,6 +55,9 @@ def run(
     out = Path(out) if out else Path("runs") / cfg.name
     data_dir = data_dir or cfg.data_dir
     cfg = _pin_teacher(cfg)
+    check_writable(out)
+    if not force_new_config:
+        check_same_config(out, cfg, config)
     _check_user_code(cfg, executor, data_dir)
     outcome = run_grid(cfg, out, executor, device, data_dir, retry_failed, reporter)
     if not any(RunStore(out).is_complete(s.run_id) for s in expand(cfg).students):

@@ -22,7 +22,11 @@ class MNIST1DConfig:
     shuffle_seq: bool = False
 
 
-@DATASETS.register("mnist1d", MNIST1DConfig)
+@DATASETS.register(
+    "mnist1d",
+    MNIST1DConfig,
+    about="MNIST-1D: 10 classes of 1-D signals (40 samples), generated; no download",
+)
 def build_mnist1d(cfg: MNIST1DConfig, data_dir: Path) -> TensorData:
     x, y = _cached(cfg)
     n = cfg.n_train

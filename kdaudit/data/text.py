@@ -128,7 +128,12 @@ def tokenize(text: str, cfg: TextConfig) -> TokenData:
     return TokenData(encode(train), encode(test), len(vocab), cfg.block_size, vocab)
 
 
-@DATASETS.register("tinyshakespeare", TextConfig)
+@DATASETS.register(
+    "tinyshakespeare",
+    TextConfig,
+    about="TinyShakespeare characters (DATA/tinyshakespeare/input.txt, downloaded "
+    "when missing): next-character prediction",
+)
 def build_tinyshakespeare(cfg: TextConfig, data_dir: Path) -> TokenData:
     return tokenize(_read_shakespeare(cfg, data_dir), cfg)
 

@@ -41,7 +41,11 @@ class InMemoryDataConfig:
     name: str = "in_memory"
 
 
-@DATASETS.register("factory", FactoryDataConfig)
+@DATASETS.register(
+    "factory",
+    FactoryDataConfig,
+    about="your own data: factory(data_dir, **kwargs) returns (train, test)",
+)
 def build_factory_data(cfg: FactoryDataConfig, data_dir: Path) -> TensorData:
     fn = user_code.import_callable(cfg.factory, "data.factory")
     splits = fn(data_dir, **cfg.kwargs)
@@ -51,7 +55,11 @@ def build_factory_data(cfg: FactoryDataConfig, data_dir: Path) -> TensorData:
     return tensor_data(*splits, cfg.num_classes, f"data.factory {cfg.factory}")
 
 
-@DATASETS.register("in_memory", InMemoryDataConfig)
+@DATASETS.register(
+    "in_memory",
+    InMemoryDataConfig,
+    about="data passed to kdaudit.audit() in this process (not for configs)",
+)
 def build_in_memory_data(cfg: InMemoryDataConfig, data_dir: Path) -> TensorData:
     return user_code.recall("data", cfg.sha256)
 

@@ -76,7 +76,11 @@ FASHION_FILES = {  # SHA-256 of the original files
 }
 
 
-@DATASETS.register("fashion_mnist", ImageConfig)
+@DATASETS.register(
+    "fashion_mnist",
+    ImageConfig,
+    about="Fashion-MNIST (IDX files in DATA/fashion-mnist, downloaded when missing)",
+)
 def build_fashion_mnist(cfg: ImageConfig, data_dir: Path) -> TensorData:
     resources = [
         Resource(f"fashion-mnist/{f}", FASHION_URL + f, sha256=h) for f, h in FASHION_FILES.items()
@@ -121,7 +125,11 @@ SVHN_MD5 = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
             "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}  # fmt: skip
 
 
-@DATASETS.register("svhn", ImageConfig)
+@DATASETS.register(
+    "svhn",
+    ImageConfig,
+    about="SVHN cropped digits (.mat files in DATA/svhn, downloaded when missing)",
+)
 def build_svhn(cfg: ImageConfig, data_dir: Path) -> TensorData:
     resources = [Resource(f"svhn/{f}", SVHN_URL + f, md5=h) for f, h in SVHN_MD5.items()]
     ensure(data_dir, resources, "svhn",
@@ -145,7 +153,11 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
-@DATASETS.register("cifar10", ImageConfig)
+@DATASETS.register(
+    "cifar10",
+    ImageConfig,
+    about="CIFAR-10 (the python archive in DATA/cifar10, downloaded when missing)",
+)
 def build_cifar10(cfg: ImageConfig, data_dir: Path) -> TensorData:
     resource = Resource("cifar10/cifar-10-python.tar.gz", CIFAR_URL, md5=CIFAR_MD5)
     (archive,) = ensure(data_dir, [resource], "cifar10",

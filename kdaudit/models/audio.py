@@ -74,7 +74,7 @@ class ConvNet(nn.Module):
         return self.head(self.blocks(x).mean(dim=(2, 3)))  # (B, C) -> (B, K)
 
 
-@MODELS.register("vggish", VGGishConfig)
+@MODELS.register("vggish", VGGishConfig, about="VGGish-style 2-D CNN on log-mel spectrograms")
 def build_vggish(cfg: VGGishConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return ConvNet(input_shape, cfg.channels, cfg.convs, cfg.batch_norm, cfg.dropout, num_classes)
 
@@ -105,7 +105,12 @@ class TemporalCNN(nn.Module):
         return self.head(self.blocks(x.flatten(1, 2)).mean(dim=2))  # (B, C*M, T) -> (B, K)
 
 
-@MODELS.register("audio_cnn", AudioCNNConfig, width="width")
+@MODELS.register(
+    "audio_cnn",
+    AudioCNNConfig,
+    width="width",
+    about="temporal CNN: mel bands as channels, 1-D convolutions over frames",
+)
 def build_audio_cnn(
     cfg: AudioCNNConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -154,6 +159,12 @@ def _layer(cfg: ASTConfig) -> nn.TransformerEncoderLayer:
     )
 
 
-@MODELS.register("ast", ASTConfig, width="dim", width_multiple_of="heads")
+@MODELS.register(
+    "ast",
+    ASTConfig,
+    width="dim",
+    width_multiple_of="heads",
+    about="audio spectrogram transformer (patches of the log-mel spectrogram)",
+)
 def build_ast(cfg: ASTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return AST(cfg, input_shape, num_classes)

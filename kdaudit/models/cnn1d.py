@@ -18,7 +18,12 @@ class CNN1DConfig:
     kernel_size: int = 5
 
 
-@MODELS.register("cnn1d", CNN1DConfig, width="width")
+@MODELS.register(
+    "cnn1d",
+    CNN1DConfig,
+    width="width",
+    about="small 1-D CNN: stride-2 conv blocks, then a linear head",
+)
 def build_cnn1d(cfg: CNN1DConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     channels, _length = input_shape  # (C, L)
     layers: list[nn.Module] = []

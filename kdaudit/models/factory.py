@@ -49,13 +49,21 @@ class InMemoryModelConfig:
     name: str = "in_memory"
 
 
-@MODELS.register("factory", FactoryModelConfig)
+@MODELS.register(
+    "factory",
+    FactoryModelConfig,
+    about="your own model: factory(seed, **kwargs) returns an nn.Module giving logits",
+)
 def build_factory_model(cfg: FactoryModelConfig, input_shape, num_classes: int) -> nn.Module:
     fn = import_callable(cfg.factory, "model.factory")
     return checked_build(fn, cfg.kwargs, input_shape, num_classes, f"model factory {cfg.factory}")
 
 
-@MODELS.register("in_memory", InMemoryModelConfig)
+@MODELS.register(
+    "in_memory",
+    InMemoryModelConfig,
+    about="a model factory passed to kdaudit.audit() in this process (not for configs)",
+)
 def build_in_memory_model(cfg: InMemoryModelConfig, input_shape, num_classes: int) -> nn.Module:
     fn = recall("model", cfg.fingerprint)
     return checked_build(fn, {}, input_shape, num_classes, f"model {cfg.factory}")

@@ -101,5 +101,7 @@ def _build(cfg: GPTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
 
 # `width`: the field capacity scaling (protocol.student_widths) scales; a multiple of n_head
 _WIDTH = dict(width="n_embd", width_multiple_of="n_head")
-MODELS.register("nanogpt", GPTConfig, **_WIDTH)(_build)
-MODELS.register("picogpt", PicoGPTConfig, **_WIDTH)(_build)
+MODELS.register("nanogpt", GPTConfig, about="nanoGPT-style causal transformer (next-token "
+                "logits)", **_WIDTH)(_build)  # fmt: skip
+MODELS.register("picogpt", PicoGPTConfig, about="nanogpt at half the width (a smaller "
+                "student)", **_WIDTH)(_build)  # fmt: skip

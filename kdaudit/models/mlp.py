@@ -17,7 +17,12 @@ class MLPConfig:
     depth: int = 2  # hidden layers
 
 
-@MODELS.register("mlp", MLPConfig, width="width")
+@MODELS.register(
+    "mlp",
+    MLPConfig,
+    width="width",
+    about="multilayer perceptron: depth hidden layers of width units",
+)
 def build_mlp(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = math.prod(input_shape)

@@ -82,13 +82,20 @@ def _vgg(factory):
     return build
 
 
-MODELS.register("resnet18", ResNetConfig)(_resnet(tvm.resnet18))
-MODELS.register("resnet50", ResNet50Config)(_resnet(tvm.resnet50))
-MODELS.register("vgg19", VGGConfig)(_vgg(tvm.vgg19))
-MODELS.register("vgg19_bn", VGG19BNConfig)(_vgg(tvm.vgg19_bn))
+_SMALL = "torchvision {} (small_input: adapted to 32x32 images)"
+MODELS.register("resnet18", ResNetConfig, about=_SMALL.format("ResNet-18"))(_resnet(tvm.resnet18))
+MODELS.register("resnet50", ResNet50Config, about=_SMALL.format("ResNet-50"))(_resnet(tvm.resnet50))
+MODELS.register("vgg19", VGGConfig, about=_SMALL.format("VGG-19"))(_vgg(tvm.vgg19))
+MODELS.register("vgg19_bn", VGG19BNConfig, about=_SMALL.format("VGG-19-BN"))(_vgg(tvm.vgg19_bn))
 
 
-@MODELS.register("vit", ViTConfig, width="width", width_multiple_of="heads")
+@MODELS.register(
+    "vit",
+    ViTConfig,
+    width="width",
+    width_multiple_of="heads",
+    about="torchvision Vision Transformer",
+)
 def build_vit(cfg: ViTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     channels, height, width = input_shape
     if height != width or height % cfg.patch_size:
@@ -102,7 +109,12 @@ def build_vit(cfg: ViTConfig, input_shape: tuple[int, ...], num_classes: int) ->
     return model
 
 
-@MODELS.register("cnn", CNNConfig, width="width")
+@MODELS.register(
+    "cnn",
+    CNNConfig,
+    width="width",
+    about="small 2-D CNN: conv-ReLU-maxpool blocks doubling in width, then linear",
+)
 def build_cnn(cfg: CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: list[nn.Module] = []
     channels, width = input_shape[0], cfg.width
