@@ -187,6 +187,7 @@ def _logits_parser(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from kdaudit import api
+    from kdaudit.executors.progress import default_reporter
 
     if args.cache_dir is not None:
         from kdaudit.data.cache import use_cache_dir
@@ -198,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     result = api.run(
         args.config, args.out, overrides=args.overrides, device=args.device,
         data_dir=args.data_dir, smoke_test=args.smoke, retry_failed=args.retry_failed,
-        reporter=api.RichReporter(), executor=executor, force_new_config=args.force_new_config,
+        reporter=default_reporter(), executor=executor, force_new_config=args.force_new_config,
     )  # fmt: skip
     outcome = result.outcome
     for path in outcome.quarantined:
