@@ -187,6 +187,9 @@ def _logits_parser(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from kdaudit import api
+    from kdaudit.config import load_config
+
+    load_config(args.config, args.overrides)  # a config error answers before torch loads
     from kdaudit.executors.progress import default_reporter
 
     if args.cache_dir is not None:

@@ -46,6 +46,27 @@ def test_help_speaks_to_users_and_imports_nothing_heavy():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_a_config_error_answers_before_torch_loads(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndata: {name: mnist1d}\nmodel: {name: mlp, wdth: 3}\n")
+    code = ("import sys\nfrom kdaudit.cli import main\n"
+            "code = main(['run', sys.argv[1], '--out', sys.argv[2]])\n"
+            "print(code, 'torch' in sys.modules)")  # fmt: skip
+    done = _python(code, str(bad), str(tmp_path / "out"))
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip() == (
+        "kdaudit: error: unknown key 'model.wdth'; allowed keys: depth, name, width"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_imports_nothing_heavy():
+    code = ("import sys\nfrom kdaudit.cli import main\nmain(['list'])\n"
+            "print('torch' in sys.modules)")  # fmt: skip
+    done = _python(code)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "False", done.stderr
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_list_names_every_entry_with_a_description(kind, capsys):
     assert main(["list", kind]) == 0
