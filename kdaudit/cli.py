@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                             "test logits")  # fmt: skip
     export.add_argument("dir", type=Path, help="a run directory of `kdaudit run`")
     export.add_argument("--out", type=Path, help="the manifest CSV (default: DIR/manifest.csv)")
+    export.add_argument("--data-dir", type=Path,
+                        help="dataset directory, read only when DIR holds no test_labels.npy "
+                             "(default: $KDAUDIT_DATA)")  # fmt: skip
     export.set_defaults(func=_export)
 
     listing = sub.add_parser("list", help="the datasets, models, conditions and shipped "
@@ -242,7 +245,7 @@ def _export(args: argparse.Namespace) -> int:
     from kdaudit.compare.export import export_manifest
 
     try:
-        path, n = export_manifest(args.dir, args.out)
+        path, n = export_manifest(args.dir, args.out, args.data_dir)
     except CompareError as err:
         print(f"kdaudit: error: {err}", file=sys.stderr)
         return 2

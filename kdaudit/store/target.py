@@ -25,8 +25,9 @@ def check_writable(out: str | Path) -> None:
         raise ConfigError(f"run directory {out} {where}; give --out a directory (a new one, "
                           "or an earlier run directory to resume)")  # fmt: skip
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"run directory {out}: {existing} is read-only; give --out a "
-                          f"writable directory, or make it writable (chmod u+w {existing})")  # fmt: skip
+        shown = existing.absolute() if existing == Path() else existing  # not "."
+        raise ConfigError(f"run directory {out}: {shown} is read-only; give --out a "
+                          f"writable directory, or make it writable (chmod u+w {shown})")  # fmt: skip
 
 
 def check_same_config(out: str | Path, cfg: ExperimentConfig, source: Any = None) -> None:
