@@ -57,6 +57,7 @@ class About:
     runs_complete: int | None = None
     runs_total: int | None = None
     pretrained_teacher: bool = False
+    approximate_metrics: tuple[str, ...] = ()  # computed from top-k inputs: marked as such
 
     @property
     def incomplete(self) -> bool:
