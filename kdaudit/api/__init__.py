@@ -23,7 +23,7 @@ from kdaudit.config import (
     load_config,
     to_dict,
 )
-from kdaudit.protocol import expand, smoke
+from kdaudit.protocol import expand, is_smoke, smoke
 
 __all__ = ["AuditOptions", "audit", "compare", "logits", "plan", "report", "run", "status"]
 
@@ -274,6 +274,7 @@ def _about(out: Path, cfg: ExperimentConfig, labels):
         runs_complete=state["complete"],
         runs_total=state["total"],
         pretrained_teacher=cfg.pretrained_teacher,
+        smoke=is_smoke(cfg),
     )
 
 

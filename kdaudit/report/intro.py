@@ -58,6 +58,7 @@ class About:
     runs_total: int | None = None
     pretrained_teacher: bool = False
     approximate_metrics: tuple[str, ...] = ()  # computed from top-k inputs: marked as such
+    smoke: bool = False  # a smoke run (kdaudit run --smoke): a check of the config, no evidence
 
     @property
     def incomplete(self) -> bool:
@@ -68,6 +69,11 @@ def warnings(about: About, teachers: pd.DataFrame) -> list[str]:
     """Lines the reader must see before any verdict: an incomplete grid, a teacher near
     chance."""
     lines = []
+    if about.smoke:
+        lines.append(
+            "Smoke run: a tiny grid and a few training steps, to check that the config works. "
+            "Its verdicts are not evidence; run without --smoke for the audit."
+        )
     if about.incomplete:
         lines.append(
             f"Incomplete grid: {about.runs_complete} of {about.runs_total} runs complete. "
