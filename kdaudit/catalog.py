@@ -45,8 +45,13 @@ def _conditions() -> list[Item]:
     from kdaudit.conditions import CONDITIONS
 
     entries = sorted(CONDITIONS.entries(), key=lambda c: c.order)
-    return [Item(c.name, f"{c.label}: {c.about}" if c.about else c.label, _grid_settings(c))
-            for c in entries]  # fmt: skip
+    return [Item(c.name, _about(c), _grid_settings(c)) for c in entries]
+
+
+def _about(c) -> str:
+    """'SIDDO (Same initialisation, different data order): an independent student ...'"""
+    named = f"{c.label} ({c.long_name})" if c.long_name and c.long_name != c.label else c.label
+    return f"{named}: {c.plain}" if c.plain else named
 
 
 def _grid_settings(c) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_list_shows_settings_and_defaults(capsys):
     ]
     assert "settings: width=256, depth=2" in out  # mlp
     assert "configs/mnist1d.yaml" in out and "The default audit" in out
-    assert "SIDDO: same initialisation, different data order" in out
+    assert "SIDDO (Same initialisation, different data order): an independent student" in out
 
 
 # ---------------------------------------------------------------- --out that cannot be one

@@ -198,6 +198,25 @@ def accuracy_and_loss(
     return int(correct) / n, float(nll) / n
 
 
+def top1_predictions(
+    logits: Logits, labels: Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> np.ndarray:
+    """(N,) int64: each row's top-1 class, flattened, the first maximum as every metric takes
+    it; streamed like accuracy_and_loss, whose checks `labels` go through."""
+    (model,), flat_labels, lead_shape, _ = _validated([logits], ["logits"], labels)
+    n = flat_labels.shape[0]
+    rows = _chunk_rows(chunk_size, model.width)
+    out = np.empty(n, dtype=np.int64)
+    source = model.source(torch.device("cpu"))
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            y = _to_device(flat_labels[start : start + rows], torch.device("cpu")).long()
+            top1, _ = source.top1_and_nll(start, start + rows, y)
+            out[start : start + len(y)] = top1.cpu().numpy()
+        source.raise_if_bad(None, lead_shape)
+    return out
+
+
 # ---------------------------------------------------------------- validation and chunking
 
 

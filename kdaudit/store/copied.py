@@ -18,14 +18,13 @@ import numpy as np
 import pandas as pd
 
 from kdaudit.protocol import Grid
+from kdaudit.stats.copied import COPIED_COLUMNS
 from kdaudit.store import RunStore, atomic_save_array
 from kdaudit.store.tables import students_test_logits
 
 TEST_LABELS = "test_labels.npy"
 LABEL_NAMES = "label_names.json"  # beside it, when the data names its labels
 VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t"}
-COPIED_COLUMNS = ["teacher_seed", "example", "label", "teacher_prediction", "condition"]
-COPIED_COLUMNS += ["alpha", "temperature", "width", "n_runs", "copy_rate"]
 
 
 def load_test_labels(out: str | Path, cfg, data_dir=None) -> np.ndarray | None:
