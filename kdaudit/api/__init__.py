@@ -82,6 +82,7 @@ class AuditOptions:
     save_weights: bool = False
     retry_failed: bool = False
     reporter: Any = None  # kdaudit.executors.progress.Reporter
+    force_new_config: bool = False  # run into an `out` holding another config's runs
 
 
 def audit(
@@ -118,20 +119,30 @@ def audit(
 
     Runs are stored in `out` (default runs/<name>); the same call again resumes.
     """
-    from kdaudit.api.objects import experiment_from_objects
+    from kdaudit.api.objects import experiment_from_objects, save_pretrained_teacher
     from kdaudit.engine.run import check_models
     from kdaudit.executors import run_grid
+    from kdaudit.store.target import check_same_config, check_writable
 
     parts = _split_keywords(keywords, protocol, training, options)
     run_options = replace(options or AuditOptions(), **parts["options"])
     executor = _in_process(run_options.executor)
     out = Path(out) if out else Path("runs") / name
+    check_writable(out)
     cfg, data = experiment_from_objects(
         model, train, test, teacher=teacher, out=out, name=name, num_classes=num_classes,
         protocol=parts["protocol"], training=parts["training"], analysis=analysis,
         save_weights=run_options.save_weights,
     )  # fmt: skip
-    check_models(expand(cfg), data)
+    if not run_options.force_new_config:
+        check_same_config(out, cfg, "this audit() call")
+    created = save_pretrained_teacher(cfg, teacher)
+    try:
+        check_models(expand(cfg), data)  # loads the teacher's checkpoint
+    except Exception:
+        if created is not None:
+            created.unlink(missing_ok=True)
+        raise
     outcome = run_grid(cfg, out, executor, run_options.device, None, run_options.retry_failed,
                        run_options.reporter)  # fmt: skip
     _check_outcome(out, cfg, outcome)
