@@ -340,8 +340,9 @@ def _print_result(result) -> None:
     for r in accuracy_by_condition(result.runs).itertuples():
         print(f"  {_setting(r)}: test accuracy {r.mean:.4f} ± {r.sem:.4f} (n={r.n})")
     print()
-    for line in result.verdict_lines():
-        print(line)
+    for plain, evidence in result.plain_verdicts():
+        print(plain)
+        print(f"  evidence: {evidence}.")
     print(f"\nreport: {result.report}")
 
 

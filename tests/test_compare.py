@@ -352,7 +352,8 @@ def test_cli_writes_the_report_and_prints_the_verdicts(audit, tmp_path, capsys):
     assert main(["compare", str(audit.manifest()), "--out", str(out)]) == 0
     printed = capsys.readouterr()
     # three paired seeds: no one-sided exact test can reach 0.05, so no verdict either way
-    assert "Teacher seed 0, KD alpha=0.5, T=1: no verdict, too few paired seeds" in printed.out
+    assert "KD alpha=0.5, T=1 (teacher seed 0): no verdict: too few paired seeds" in printed.out
+    assert "  evidence: no verdict, too few paired seeds" in printed.out
     assert f"report: {out / 'report' / 'index.html'}" in printed.out
     assert "train accuracy" not in printed.out  # unknown from test logits
     assert "[1/10] teacher_t0" in printed.err

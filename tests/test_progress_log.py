@@ -97,7 +97,8 @@ def test_verdict_sentences_are_not_wrapped(tiny_config, tmp_path, capsys):
             "--workers", "1"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    verdicts = [line for line in out if line.startswith("Teacher seed 0, KD")]
-    assert len(verdicts) == 1 and len(verdicts[0]) > 120  # one line, however long
-    following = out[out.index(verdicts[0]) + 1]
-    assert following == ""  # the sentence does not continue on the next line
+    verdicts = [line for line in out if line.startswith("KD alpha=")]
+    assert len(verdicts) == 1 and len(verdicts[0]) > 100  # one line, however long
+    evidence = out[out.index(verdicts[0]) + 1]
+    assert evidence.startswith("  evidence: ") and len(evidence) > 120  # one line too
+    assert out[out.index(verdicts[0]) + 2] == ""  # and nothing continues it
