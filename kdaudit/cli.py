@@ -343,6 +343,8 @@ def _print_result(result) -> None:
     for plain, evidence in result.plain_verdicts():
         print(plain)
         print(f"  evidence: {evidence}.")
+    for fact in result.facts():
+        print(f"- {fact}")
     print(f"\nreport: {result.report}")
 
 

@@ -35,7 +35,7 @@ ASYMMETRY_PLAIN = {
     "positive": "it gained more agreement on the teacher's correct answers than on its mistakes",
     "symmetric": "it picked up the teacher's mistakes and correct answers about equally",
     "baseline-dependent": "whether it copied the teacher's mistakes more than its correct "
-    "answers depends on the control and the scale (details below)",
+    "answers depends on the control and the scale (see the evidence)",
     "undetermined": "whether mistakes or correct answers transferred more cannot be told at this n",
 }
 LEGEND = (
@@ -262,7 +262,9 @@ def _seed_dependent(analysis: Analysis) -> list[str]:
 
 def _label_contradicted(analysis: Analysis) -> list[str]:
     facts = []
-    for s in sorted(analysis.settings, key=lambda s: not s.transfer_found):
+    for s in sorted(
+        analysis.settings, key=lambda s: (s.verdict != "supported", not s.transfer_found)
+    ):
         paper = s.paper_asymmetry.label
         if s.asymmetry != "baseline-dependent" or paper not in ("negative", "positive"):
             continue

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdaudit.report.intro import headline
+from kdaudit.report.intro import headline, striking_facts
 from kdaudit.report.text import verdict_evidence, verdict_lines
 from kdaudit.stats import Analysis
 
@@ -37,3 +37,7 @@ class AuditResult:
             return []
         settings = (*self.analysis.settings, *self.analysis.pooled)
         return [(headline(s), verdict_evidence(s, self.analysis.options)) for s in settings]
+
+    def facts(self) -> list[str]:
+        """The facts that stand out, as the report states them."""
+        return striking_facts(self.analysis) if self.analysis else []
