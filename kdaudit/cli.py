@@ -241,11 +241,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from kdaudit import api
     from kdaudit.compare import CompareError
-    from kdaudit.compare.export import export_manifest
 
     try:
-        path, n = export_manifest(args.dir, args.out, args.data_dir)
+        path, n = api.export(args.dir, args.out, args.data_dir)
     except CompareError as err:
         print(f"kdaudit: error: {err}", file=sys.stderr)
         return 2

@@ -383,6 +383,15 @@ def compare(manifest: str | Path, out: str | Path | None = None, **options):
     return compare_logits(manifest, out, **options)
 
 
+def export(out: str | Path, manifest: str | Path | None = None, data_dir: str | Path | None = None):
+    """Write a `compare` manifest of run directory `out`'s stored test logits (default
+    OUT/manifest.csv), so the audit can be re-analysed or shared as logits only; returns
+    (its path, the number of runs listed)."""
+    from kdaudit.compare.export import export_manifest
+
+    return export_manifest(out, manifest, data_dir)
+
+
 def logits(model_dir: str | Path, corpus: str | Path, out: str | Path, options=None,
            on_batch=None):  # fmt: skip
     """Score a saved Hugging Face causal LM on a corpus and write its test logits (full, or
