@@ -237,3 +237,35 @@ def test_a_relative_checkpoint_is_found_from_another_directory(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert _run(Path("cfg/a.yaml"), tmp_path / "out") == 2
     assert f"no file at {tmp_path / 'cfg' / 't.pt'}" in _error(capsys)
+
+
+def _read_only(monkeypatch, locked: Path) -> None:
+    """`locked` looks read-only to the checks, also when the tests run as root (which may
+    write anywhere, so chmod alone proves nothing there)."""
+    real = os.access
+    monkeypatch.setattr("kdaudit.store.target.os.access",
+                        lambda p, mode: Path(p) != locked and real(p, mode))  # fmt: skip
+
+
+def test_out_read_only_also_as_root(tiny_config, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _read_only(monkeypatch, locked)
+    assert _run(tiny_config, locked / "audit") == 2
+    line = _error(capsys)
+    assert line.startswith(
+        f"kdaudit: error: run directory {locked / 'audit'}: {locked} is read-only"
+    )
+    assert list(locked.iterdir()) == []
+
+
+def test_report_of_a_read_only_run_directory_is_one_line(tiny_config, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    out = tmp_path / "out"
+    assert _run(tiny_config, out) == 0
+    capsys.readouterr()
+    _read_only(monkeypatch, out / "report")
+    assert main(["report", str(out)]) == 2
+    line = _error(capsys)
+    assert line.startswith(f"kdaudit: error: report directory {out / 'report'}: ")
+    assert "is read-only; copy the run directory somewhere writable" in line

@@ -263,8 +263,11 @@ def report(out: str | Path, data_dir: str | Path | None = None, beside: Iterable
     from kdaudit.report.result import AuditResult
     from kdaudit.store.copied import copied_predictions, load_test_labels, stored_label_names
     from kdaudit.store.tables import targeted_transfer
+    from kdaudit.store.target import check_writable
 
     out = Path(out)
+    check_writable(out / "report", "report directory",
+                   "copy the run directory somewhere writable and report that copy")  # fmt: skip
     cfg, runs, teachers, analysis = _analysed(out)
     targeted = targeted_transfer(out, cfg, expand(cfg), data_dir)
     regimes = _regimes([out, *beside]) if beside else None

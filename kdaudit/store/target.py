@@ -16,18 +16,20 @@ from kdaudit.config import ConfigError, ExperimentConfig, to_dict
 _NOT_IDENTITY = ("data_dir",)
 
 
-def check_writable(out: str | Path) -> None:
-    """`out` is, or can be made, a writable directory."""
+def check_writable(out: str | Path, what: str = "run directory",
+                   fix: str = "give --out a writable directory") -> None:  # fmt: skip
+    """`out` is, or can be made, a writable directory; `what` names it and `fix` says what
+    to do otherwise."""
     out = Path(out)
     existing = next(p for p in (out, *out.parents) if p.exists())  # "." or "/" at worst
     if existing.exists() and not existing.is_dir():
         where = "is a file" if existing == out else f"lies under the file {existing}"
-        raise ConfigError(f"run directory {out} {where}; give --out a directory (a new one, "
+        raise ConfigError(f"{what} {out} {where}; give --out a directory (a new one, "
                           "or an earlier run directory to resume)")  # fmt: skip
     if not os.access(existing, os.W_OK | os.X_OK):
         shown = existing.absolute() if existing == Path() else existing  # not "."
-        raise ConfigError(f"run directory {out}: {shown} is read-only; give --out a "
-                          f"writable directory, or make it writable (chmod u+w {shown})")  # fmt: skip
+        raise ConfigError(f"{what} {out}: {shown} is read-only; {fix}, or make it "
+                          f"writable (chmod u+w {shown})")  # fmt: skip
 
 
 def check_same_config(out: str | Path, cfg: ExperimentConfig, source: Any = None) -> None:
