@@ -122,7 +122,7 @@ def _content(runs, teachers, analysis: Analysis, targeted, copied) -> _Content:
         teachers=tables.teachers_frame(teachers, runs),
         summary=summary,
         counts=counts,
-        summary_tables=tuple(tables.summary_table(summary, counts, s, w) for s, w in groups),
+        summary_tables=tuple(tables.summary_table(summary, counts, *g) for g in groups),
         deltas_png=figures.agreement_deltas(analysis),
         matrix_png=figures.asymmetry_matrix(analysis),
         sweep=sweep,
@@ -315,7 +315,7 @@ def _notes_section(content: _Content, analysis: Analysis, meta: dict) -> Section
     failed = [f"{k}: {v}" for k, v in meta.items() if "fail" in str(k).lower()]
     setting_notes = [
         f"Teacher seed {s.teacher_seed}, {fmt.control_name(s.condition)} "
-        f"{fmt.setting_text(s.alpha, s.temperature, s.width)}: {s.note}"
+        f"{fmt.setting_text(s.alpha, s.temperature, s.width, s.teacher_label_noise)}: {s.note}"
         for s in analysis.settings
         if s.note
     ]

@@ -57,6 +57,7 @@ def _tick(s: SettingResult, show_t: bool, show_condition: bool = False) -> str:
     label += f"α={s.alpha:g}"
     label += f"\nT={s.temperature:g}" if show_t and not fmt.is_missing(s.temperature) else ""
     label += "" if fmt.is_missing(s.width) else f"\nw={s.width:g}"
+    label += "".join(f"\n{part}" for part in fmt.noise_parts(s.teacher_label_noise))
     a = s.paper_asymmetry
     baseline = a.baseline_correct
     if a.baseline_incorrect != a.baseline_correct:

@@ -31,7 +31,7 @@ def verdict_lines(analysis: Analysis) -> list[str]:
 
 
 def verdict_sentence(s: SettingResult, options: AnalysisOptions) -> str:
-    setting = fmt.setting_text(s.alpha, s.temperature, s.width)
+    setting = fmt.setting_text(s.alpha, s.temperature, s.width, s.teacher_label_noise)
     if s.teacher_seed == POOLED:
         counts = ", ".join(
             f"{n} {v.replace('_', ' ')}" for v, n in (s.teacher_verdicts or {}).items()
@@ -220,5 +220,6 @@ def equivalence_sentence(frame, a: str) -> str:
 
 def _where(row) -> str:
     width = "" if fmt.is_missing(row["width"]) else f", width {row['width']:g}"
+    width += "".join(f", {p}" for p in fmt.noise_parts(row.get("teacher_label_noise", 0.0)))
     return (f"{fmt.metric_label(row['metric'], arrow=False)}, α={row['alpha']:g}, teacher seed "
             f"{row['teacher_seed']}{width}, n={int(row['n'])} pairs")  # fmt: skip
