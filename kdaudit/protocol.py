@@ -232,14 +232,17 @@ def _capped(train: TrainConfig, max_steps: int) -> TrainConfig:
 def smoke(cfg: ExperimentConfig, max_steps: int = 40) -> ExperimentConfig:
     """A config's grid and training shrunk to check, in about a minute, that it works:
     one teacher seed, two student seeds, every condition, the smallest and largest student
-    width of a capacity grid, at most `max_steps` steps."""
+    width of a capacity grid and teacher label-noise rate of a teacher-error sweep, at most
+    `max_steps` steps."""
     widths = cfg.protocol.student_widths
+    noise = cfg.protocol.teacher_label_noise
     teacher_train = cfg.protocol.teacher_train
     protocol = replace(
         cfg.protocol,
         teacher_seeds=cfg.protocol.teacher_seeds[:1],
         student_seeds=cfg.protocol.student_seeds[:2],
         student_widths=tuple(sorted({min(widths), max(widths)})) if widths else (),
+        teacher_label_noise=tuple(sorted({min(noise), max(noise)})),
         teacher_train=None if teacher_train is None else _capped(teacher_train, max_steps),
     )
     train = _capped(cfg.train, max_steps)

@@ -14,10 +14,12 @@ from kdaudit.report import fmt
 from kdaudit.report.blocks import Table
 from kdaudit.stats import (
     AXES,
+    POOLED,
     SETTING_KEYS,
     Analysis,
     ControlComparison,
     first_treatment,
+    setting_keys,
     with_axes,
 )
 
@@ -596,3 +598,125 @@ def remedies_table(frame: pd.DataFrame) -> Table:
 
 def _count(x) -> str:
     return fmt.MISSING if fmt.is_missing(x) else str(int(x))
+
+
+# ----------------------------------------------------------------------------- teacher-error sweep
+
+# per scale of the asymmetry matrix: the cell's mean deltas against the control, with their
+# 95% intervals, and its label
+_CELL_COLUMNS = [
+    f"{d}_{scale}{end}"
+    for scale in ("raw", "headroom")
+    for d in ("delta_correct", "delta_incorrect")
+    for end in ("", "_low", "_high")
+]
+_CELL_COLUMNS += ["asymmetry_raw", "asymmetry_headroom"]
+TEACHER_NOISE_COLUMNS = [*SETTING_KEYS, "n", "label_noise_fraction", "teacher_train_error_noisy",
+                         "teacher_train_loss_noisy", "teacher_train_error", "teacher_test_accuracy",
+                         "transfer", "transfer_low", "transfer_high", "transfer_p",
+                         "relative_improvement", "verdict", *_CELL_COLUMNS, "accuracy",
+                         "control_accuracy"]  # fmt: skip
+_TEACHER_NOISE = {"label_noise_fraction": "label_noise_fraction",
+                  "teacher_train_error_noisy": "noisy_train_accuracy",
+                  "teacher_train_loss_noisy": "noisy_train_loss",
+                  "teacher_train_error": "train_accuracy",
+                  "teacher_test_accuracy": "test_accuracy"}  # fmt: skip
+
+
+def teacher_noise_frame(teachers: pd.DataFrame, analysis: Analysis, control: str = "siddo"):
+    """The teacher-error sweep, one row per setting of the first treatment (KD) per teacher
+    seed, and pooled over teacher seeds (teacher_seed = stats.POOLED) when there are several:
+    its teacher's label noise (realised fraction), train error and loss on its noisy labels,
+    train error on the clean ones and test accuracy (pooled: means over the teachers);
+    transfer, the Hodges-Lehmann estimate of agreement(KD) - agreement(control) in top-1
+    predictions with its exact 95% interval and one-sided paired Wilcoxon p (the prediction
+    disagreement test of the analysis); the asymmetry matrix's cells against the control
+    (raw and headroom); and the treatment's and the control's mean test accuracy.
+    `teachers`: teachers_frame's table."""
+    treatment = first_treatment(analysis)
+    settings = [s for s in (*analysis.settings, *analysis.pooled) if s.condition == treatment]
+    own = _teacher_noise_lookup(teachers)
+    rows = [_noise_row(s, own, control) for s in settings]
+    frame = pd.DataFrame(rows, columns=TEACHER_NOISE_COLUMNS)
+    order = ["teacher_seed", "temperature", "width", "alpha", "teacher_label_noise"]
+    return frame.sort_values(order).reset_index(drop=True)
+
+
+def _teacher_noise_lookup(teachers: pd.DataFrame) -> dict[tuple, dict]:
+    """(teacher seed, noise) -> the teacher's sweep columns; (POOLED, noise): their means."""
+    frame = with_teacher_noise(teachers)
+    frame = frame.assign(**{c: frame.get(c, np.nan) for c in _TEACHER_NOISE.values()})
+    values = frame[[*TEACHER, *dict.fromkeys(_TEACHER_NOISE.values())]]
+    pooled = values.groupby(TEACHER[1], as_index=False).mean().assign(teacher_seed=POOLED)
+    lookup = {}
+    for row in pd.concat([values, pooled]).to_dict(orient="records"):
+        lookup[(int(row["teacher_seed"]), float(row[TEACHER[1]]))] = {
+            name: 1.0 - row[c] if name.startswith("teacher_train_error") else row[c]
+            for name, c in _TEACHER_NOISE.items()
+        }
+    return lookup
+
+
+def _noise_row(s, own: dict[tuple, dict], control: str) -> dict:
+    comparison = s.comparison(control)
+    agreement = comparison.test("prediction_disagreement") if comparison else None
+    accuracy = comparison.test("accuracy") if comparison else None
+    teacher = own.get((s.teacher_seed, s.teacher_label_noise), {})
+    row = {**setting_keys(s), "n": s.n, **teacher, "relative_improvement": s.relative_improvement,
+           "verdict": s.verdict}  # fmt: skip
+    if agreement is not None:  # disagreement lower = agreement higher: the signs flip
+        row.update(transfer=-agreement.estimate, transfer_low=-agreement.ci_high,
+                   transfer_high=-agreement.ci_low, transfer_p=agreement.pvalue)  # fmt: skip
+    if accuracy is not None:
+        row.update(accuracy=accuracy.mean_treatment, control_accuracy=accuracy.mean_control)
+    for cell in s.cells([control]):
+        row.update(_cell_values(cell))
+    return row
+
+
+def _cell_values(cell) -> dict:
+    values = {f"asymmetry_{cell.scale}": cell.label}
+    for bucket in ("correct", "incorrect"):
+        name = f"delta_{bucket}_{cell.scale}"
+        low, high = getattr(cell, f"delta_{bucket}_ci")
+        values.update({name: getattr(cell, f"delta_{bucket}"), f"{name}_low": low,
+                       f"{name}_high": high})  # fmt: skip
+    return values
+
+
+def teacher_noise_table(frame: pd.DataFrame) -> Table:
+    """teacher_noise_frame, formatted: one row per (teacher seed, setting, noise rate)."""
+    text = pd.DataFrame(
+        {
+            "teacher seed": frame["teacher_seed"].map(lambda t: "pooled" if t == POOLED else str(t)),
+            "setting": [_label((*k[:4], None), True) for k in _row_keys(frame)],
+            "label noise": frame["teacher_label_noise"].map(lambda x: f"{x:g}"),
+            "labels changed": frame["label_noise_fraction"].map(fmt.pct),
+            "teacher train error (noisy labels)": frame["teacher_train_error_noisy"].map(fmt.pct),
+            "teacher test accuracy": frame["teacher_test_accuracy"].map(fmt.num),
+            "n": frame["n"].map(str),
+            "transfer (HL) [95% CI]": [f"{fmt.signed(e)} {fmt.interval(lo, hi)}" for e, lo, hi in
+                                       zip(frame["transfer"], frame["transfer_low"],
+                                           frame["transfer_high"], strict=True)],
+            "p": frame["transfer_p"].map(fmt.pval),
+            "verdict": frame["verdict"].str.replace("_", " "),
+            **{f"{label} ({scale})": _with_interval(frame, f"{d}_{scale}")
+               for scale in ("raw", "headroom")
+               for label, d in (("Δcorrect", "delta_correct"), ("Δincorrect", "delta_incorrect"))},
+            "asymmetry (raw / headroom)": [f"{r} / {h}" for r, h in
+                                           zip(frame["asymmetry_raw"], frame["asymmetry_headroom"],
+                                               strict=True)],
+            "KD accuracy": frame["accuracy"].map(fmt.num),
+            "SIDDO accuracy": frame["control_accuracy"].map(fmt.num),
+        }
+    )  # fmt: skip
+    caption = ("Teacher-error sweep: each teacher trained with a share of its training labels "
+               "replaced at random (students see clean labels); transfer = agreement(KD) − "
+               "agreement(SIDDO) in top-1 predictions (one-sided paired Wilcoxon p); Δcorrect and "
+               "Δincorrect against SIDDO, mean [95% CI] over paired seeds")  # fmt: skip
+    return Table("teacher_noise", caption, text)
+
+
+def _with_interval(frame: pd.DataFrame, column: str) -> list[str]:
+    return [f"{fmt.signed(m)} {fmt.interval(lo, hi)}" for m, lo, hi in
+            zip(frame[column], frame[f"{column}_low"], frame[f"{column}_high"], strict=True)]  # fmt: skip
