@@ -224,6 +224,8 @@ def test_the_sweep_flows_to_the_tables_and_summary(sweep):
     assert sorted(s["teacher_label_noise"] for s in summary["settings"]) == RATES
     assert [t["teacher_label_noise"] for t in summary["teachers"]] == RATES
     assert "noise 0.2" in (folder / "report.md").read_text()
+    copied = pd.read_csv(folder / "tables" / "copied_errors.csv")  # each teacher's own mistakes
+    assert sorted(copied["teacher_label_noise"].unique()) == RATES
 
 
 def test_no_sweep_section_for_one_rate(tmp_path, tiny_config):

@@ -556,7 +556,10 @@ def copied_table(frame: pd.DataFrame, name: str, rows: int) -> Table:
     text = pd.DataFrame(index=head.index)
     for column in head.columns:
         values = head[column]
-        if column in ("teacher_seed", "example", "label", "teacher_prediction", "n_examples"):
+        if column == "teacher_label_noise":  # shown in a teacher-error sweep only
+            if (frame[column] != 0).any():
+                text["label noise"] = values.map(lambda v: f"{v:g}")
+        elif column in ("teacher_seed", "example", "label", "teacher_prediction", "n_examples"):
             text[column.replace("_", " ")] = values.map(lambda v: str(int(v)))
         elif column in ("label_name", "teacher_prediction_name"):
             text[column.replace("_", " ")] = values.map(str)

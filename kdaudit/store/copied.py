@@ -24,7 +24,8 @@ from kdaudit.store.tables import students_test_logits
 TEST_LABELS = "test_labels.npy"
 LABEL_NAMES = "label_names.json"  # beside it, when the data names its labels
 VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t"}
-COPIED_COLUMNS = ["teacher_seed", "example", "label", "teacher_prediction", "condition"]
+COPIED_COLUMNS = ["teacher_seed", "teacher_label_noise", "example", "label",
+                  "teacher_prediction", "condition"]  # fmt: skip
 COPIED_COLUMNS += ["alpha", "temperature", "width", "n_runs", "copy_rate"]
 
 
@@ -67,9 +68,10 @@ def stored_label_names(out: str | Path) -> list[str] | None:
 def copied_predictions(
     out: str | Path, grid: Grid, labels: np.ndarray, names: list[str] | None = None
 ) -> pd.DataFrame:
-    """Per teacher seed, teacher-incorrect test example and condition key (condition, alpha,
-    T, width): how many complete runs there are and the share that predicted the teacher's
-    wrong class (COPIED_COLUMNS; with `names`, also label_name and teacher_prediction_name)."""
+    """Per teacher (seed, label noise), teacher-incorrect test example and condition key
+    (condition, alpha, T, width): how many complete runs there are and the share that
+    predicted the teacher's wrong class (COPIED_COLUMNS; with `names`, also label_name and
+    teacher_prediction_name)."""
     store = RunStore(out)
     labels = np.asarray(labels).reshape(-1)
     frames = []
@@ -93,7 +95,9 @@ def copied_predictions(
             copies.setdefault(key, []).append(pred[wrong] == teacher_pred[wrong])
         for (condition, alpha, temperature, width), hits in copies.items():
             frames.append(pd.DataFrame({
-                "teacher_seed": teacher.teacher_seed, "example": wrong, "label": labels[wrong],
+                "teacher_seed": teacher.teacher_seed,
+                "teacher_label_noise": teacher.label_noise or 0.0,
+                "example": wrong, "label": labels[wrong],
                 "teacher_prediction": teacher_pred[wrong], "condition": condition,
                 "alpha": _float(alpha), "temperature": _float(temperature),
                 "width": _float(width), "n_runs": len(hits),
