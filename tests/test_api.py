@@ -5,6 +5,7 @@ import json
 import textwrap
 import uuid
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -116,6 +117,54 @@ def test_a_factory_returning_no_module_or_wrong_classes_is_a_clear_error(splits,
         kdaudit.audit(lambda seed: "net", *splits, out=tmp_path / "a", **GRID)
     with pytest.raises(ConfigError, match="outputs 4 logits per example but the dataset has 3"):
         kdaudit.audit(lambda seed: nn.Linear(8, 4), *splits, out=tmp_path / "b", **GRID)
+
+
+def test_a_teacher_factory_with_wrong_classes_is_called_the_teacher(splits, tmp_path):
+    with pytest.raises(ConfigError, match=r"^teacher factory .* outputs 5 logits .* has 3"):
+        kdaudit.audit(tiny_net, *splits, teacher=lambda seed: nn.Linear(8, 5),
+                      out=tmp_path / "a", **GRID)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^student model factory .* outputs 4 logits"):
+        kdaudit.audit(lambda seed: nn.Linear(8, 4), *splits, teacher=lambda seed: tiny_net(seed),
+                      out=tmp_path / "b", **GRID)  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("labels, kind", [(["a", "b", "c"], "string"), ([object()] * 3, "object")])
+def test_string_or_object_labels_name_the_fix(splits, tmp_path, labels, kind):
+    (x, _), test = splits
+    y = np.array((labels * 70)[:200], dtype=object if kind == "object" else None)
+    with pytest.raises(ConfigError, match=rf"train y holds {kind} values .* np.unique\(y, "):
+        kdaudit.audit(tiny_net, (x, y), test, out=tmp_path / "out", **GRID)
+
+
+def test_a_refused_call_with_a_pretrained_teacher_leaves_no_checkpoint(splits, tmp_path):
+    torch.manual_seed(5)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+    with pytest.raises(ConfigError, match="both teacher and student seeds"):
+        kdaudit.audit(tiny_net, *splits, teacher=teacher, out=tmp_path / "out",
+                      **{**GRID, "student_seeds": (0, 1)})  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_factory_whose_initialisation_changed_gets_new_run_ids(splits, tmp_path):
+    def net(scale):
+        def factory(seed):
+            model = tiny_net(seed)
+            with torch.no_grad():
+                model[0].weight.mul_(scale)
+            return model
+
+        factory.__qualname__ = "net"  # one name and one architecture, other weights
+        return factory
+
+    grid = dict(GRID, epochs=1, student_seeds=(10,))
+    kdaudit.audit(net(1.0), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
+    before = _record_times(tmp_path / "out")
+    again = kdaudit.audit(net(1.0), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
+    assert again.outcome.completed == 0  # the same factory resumes
+    other = kdaudit.audit(net(0.5), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
+    assert other.outcome.completed == len(before) and other.outcome.skipped == 0
+    assert set(before) <= set(_record_times(tmp_path / "out"))  # old runs kept
 
 
 # ---------------------------------------------------------------- configs naming user code

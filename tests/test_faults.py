@@ -1,12 +1,14 @@
 """Fault injection: kill -9 of the whole grid at random moments, damaged run directories,
 two `kdaudit run` on one directory, and failed runs in the report."""
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +172,42 @@ def test_status_shows_failed_runs_with_errors(tiny_config, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1 failed, 6 blocked by a failed teacher" in printed
     assert "at step 19: NonFiniteLoss: the training loss became NaN or inf" in printed
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every living process below `pid` (Linux /proc), the fork server's workers included."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _living(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists()
+            and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]}  # fmt: skip
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_kill_9_of_the_driver_alone_leaves_no_worker_or_fork_server_behind(tiny_config, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cli(tiny_config, out, "--set", "train.epochs=400", "--workers", "2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=child_env())  # fmt: skip
+    deadline, below = time.time() + 120, set()
+    while time.time() < deadline and proc.poll() is None and len(below) < 3:
+        below = _descendants(proc.pid)  # resource tracker, fork server, a worker
+        time.sleep(0.2)
+    assert proc.poll() is None and len(below) >= 3, "the grid never started its workers"
+    proc.send_signal(signal.SIGKILL)  # the driver only: its workers are not in its group
+    proc.wait()
+    deadline = time.time() + 30
+    while _living(below) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _living(below), f"orphans left alive: {sorted(_living(below))}"

@@ -6,11 +6,14 @@ import base64
 import json
 import os
 import re
+from html import escape
 from pathlib import Path
 
 import pytest
 
 from kdaudit.report import verdict_lines, write_report
+from kdaudit.report.intro import headline, striking_facts
+from kdaudit.report.text import verdict_evidence
 from kdaudit.stats import analyse
 from tests.report_helpers import find_chromium, render_page, synthetic_runs, synthetic_teachers
 
@@ -84,15 +87,18 @@ def test_verdicts_come_first(report, audit):
     html = index.read_text()
     sections = re.findall(r'<section id="([^"]+)"', html)
     # the synthetic audit has LS and RCD runs: their comparison comes before the notes
-    expected = ["verdicts", "teachers", "summary", "significance", "matrix", "asymmetry"]
-    expected += ["ls_vs_rcd"]
+    facts = ["facts"] if striking_facts(audit[2]) else []
+    expected = ["tested", "verdicts", *facts, "teachers", "summary", "significance", "matrix"]
+    expected += ["asymmetry", "ls_vs_rcd"]
     assert sections == [*expected, "notes"]
     lines = verdict_lines(audit[2])
     assert len(lines) == 2
     first_table = html.index("<table")
-    for line in lines:
-        escaped = line.replace("'", "&#x27;")
-        assert escaped in html and html.index(escaped) < first_table
+    for s in audit[2].settings:  # the plain headline in bold, then the evidence, before tables
+        lead = escape(headline(s))
+        evidence = escape(verdict_evidence(s, audit[2].options))
+        assert f"<strong>{lead}</strong> Evidence: {evidence}." in html
+        assert html.index(lead) < first_table
     setting = audit[2].settings[1]
     assert "transfer supported" in lines[1]
     assert "the paper's single-baseline label: negative" in lines[1]

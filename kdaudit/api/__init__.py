@@ -256,8 +256,35 @@ def report(out: str | Path, data_dir: str | Path | None = None, beside: Iterable
     copied = None if labels is None else copied_predictions(out, expand(cfg), labels, names)
     path = write_report(out / "report", runs, teachers, analysis, title=f"kdaudit: {cfg.name}",
                         meta=_meta(out, cfg), targeted=targeted, regimes=regimes,
-                        copied=copied)  # fmt: skip
+                        copied=copied, about=_about(out, cfg, labels))  # fmt: skip
     return AuditResult(out, runs, teachers, analysis, path)
+
+
+def _about(out: Path, cfg: ExperimentConfig, labels):
+    """What was audited, for the report's plain-words header."""
+    from kdaudit.report import About
+
+    state = status(out)
+    student = cfg.protocol.student_model
+    return About(
+        dataset=_data_name(cfg.data),
+        teacher_model=_model_name(cfg.model),
+        student_model=None if student is None else _model_name(student),
+        num_classes=None if labels is None else int(labels.max()) + 1,
+        runs_complete=state["complete"],
+        runs_total=state["total"],
+        pretrained_teacher=cfg.pretrained_teacher,
+    )
+
+
+def _data_name(section) -> str:
+    name = str(getattr(section, "name", "the data"))
+    return {"in_memory": "the data passed to audit()", "files": "your files"}.get(name, name)
+
+
+def _model_name(section) -> str:
+    """'mlp', or a user factory's 'package.module:function'."""
+    return str(getattr(section, "factory", None) or getattr(section, "name", "model"))
 
 
 def _analysed(out: Path):

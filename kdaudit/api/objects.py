@@ -1,9 +1,9 @@
 """An experiment config from the user's Python objects, for `kdaudit.audit()`.
 
 The objects get config sections with stable fingerprints (data: the sha256 of its tensors;
-a model factory: its name and the architecture it builds; a pretrained teacher: the sha256
-of its weights, saved to OUT/teacher.safetensors), so the same call twice expands to the same
-run ids and resumes. The objects themselves stay in this process (kdaudit.user_code).
+a model factory: its name, the architecture it builds and the sha256 of its seed-0 weights;
+a pretrained teacher: the sha256 of its weights, saved to OUT/teacher.safetensors once the
+whole config is valid), so the same call twice expands to the same run ids and resumes. The objects themselves stay in this process (kdaudit.user_code).
 """
 
 from __future__ import annotations
@@ -65,24 +65,29 @@ def experiment_from_objects(
     }
     if analysis is not None:
         raw["analysis"] = to_dict(analysis)
-    return from_dict(ExperimentConfig, raw), data
+    config = from_dict(ExperimentConfig, raw)
+    if pretrained:  # written only now: a refused call leaves nothing in OUT
+        write_teacher(teacher, Path(pretrained["teacher_checkpoint"]), pretrained["teacher_sha256"])
+    return config, data
 
 
 def _model_sections(model, teacher, data: TensorData, out: Path) -> tuple[dict, dict]:
     """Config sections for the teacher's and students' models, and the protocol keys of a
     pretrained teacher."""
+    expect = (data.input_shape, data.num_classes)
     if teacher is None:  # self-distillation: teachers trained from the same factory
-        return {"model": in_memory_model(model), "student": None}, {}
-    student = in_memory_model(model)
+        return {"model": in_memory_model(model, expect=expect), "student": None}, {}
+    student = in_memory_model(model, role="student model", expect=expect)
     if isinstance(teacher, nn.Module):
         check_teacher_classes(teacher, data)
-        path, sha256 = save_teacher(teacher, out)
+        path, sha256 = (out / TEACHER_FILE).resolve(), weights_sha256(teacher)
         section = in_memory_model(lambda seed: copy.deepcopy(teacher).cpu(),
                                   name=reference_of(type(teacher)))  # fmt: skip
         keys = {"teacher_checkpoint": str(path), "teacher_sha256": sha256}
         return {"model": section, "student": student}, keys
     if callable(teacher):  # teachers trained from their own factory
-        return {"model": in_memory_model(teacher), "student": student}, {}
+        section = in_memory_model(teacher, role="teacher", expect=expect)
+        return {"model": section, "student": student}, {}
     raise UserCodeError(f"teacher: expected a trained nn.Module, a model factory or None; "
                         f"got {type(teacher).__name__}")  # fmt: skip
 
@@ -97,15 +102,16 @@ def check_teacher_classes(teacher: nn.Module, data: TensorData) -> None:
         )
 
 
-def save_teacher(teacher: nn.Module, out: Path) -> tuple[Path, str]:
-    """OUT/teacher.safetensors and its sha256; rewritten only when the weights changed, so
-    that a rerun finds the same file."""
-    blob = state_dict_bytes(teacher)
-    sha256 = hashlib.sha256(blob).hexdigest()
-    path = (out / TEACHER_FILE).resolve()
-    if not (path.is_file() and file_sha256(path) == sha256):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{TEACHER_FILE}.{os.getpid()}")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
-    return path, sha256
+def weights_sha256(teacher: nn.Module) -> str:
+    return hashlib.sha256(state_dict_bytes(teacher)).hexdigest()
+
+
+def write_teacher(teacher: nn.Module, path: Path, sha256: str) -> None:
+    """The teacher's weights at `path`, rewritten only when they changed, so that a rerun
+    finds the same file."""
+    if path.is_file() and file_sha256(path) == sha256:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(state_dict_bytes(teacher))
+    os.replace(tmp, path)

@@ -40,7 +40,7 @@ from kdaudit.metrics import (
     topk_approximate,
 )
 from kdaudit.metrics.topk import PROBLEMS
-from kdaudit.report import write_report
+from kdaudit.report import About, write_report
 from kdaudit.report.result import AuditResult
 from kdaudit.stats import analyse
 from kdaudit.store import code_version
@@ -100,6 +100,7 @@ def compare(
         result,
         title=f"kdaudit compare: {spec.path.stem}",
         meta=_meta(spec, layout, notes, metrics),
+        about=About(num_classes=layout.k),
     )
     return AuditResult(out, runs, teachers, result, report, notes=tuple(notes))
 

@@ -54,6 +54,7 @@ class Condition:
     equals: str | None = None
     equals_at: tuple[tuple[str, float], ...] = ()
     long_name: str = ""  # in sentences and titles ("Label smoothing")
+    plain: str = ""  # what it is, in one sentence a newcomer understands (report, glossary)
     equals_note: str = ""  # what the comparison with `equals` is, for the report
     loss: str | None = None  # your own KD loss ('package.module:function'), for loss_condition
     # a control that changes the protocol's pairing on purpose (DISDO): its initial weights
@@ -217,21 +218,43 @@ def _add(name: str, role: str, objective: str, **facts: Any) -> None:
     CONDITIONS.add(Condition(name, role, reference, **facts))
 
 
-_add("teacher", "teacher", "cross_entropy", display="Teacher", order=0)
-_add("siddo", "control", "cross_entropy", display="SIDDO", order=1)
+_add(
+    "teacher",
+    "teacher",
+    "cross_entropy",
+    display="Teacher",
+    order=0,
+    long_name="Teacher",
+    plain="the model being distilled, trained on the labels alone",
+)
+_add("siddo", "control", "cross_entropy", display="SIDDO", order=1,
+     long_name="Same initialisation, different data order",
+     plain="an independent student trained on the labels alone, from the same starting weights "
+     "as its KD student but another order of the data: how similar to the teacher a model "
+     "gets without distillation")  # fmt: skip
 _add("kd", "treatment", "kd", params=("alpha", "temperature"), controls=("siddo", "rcd"),
      shown_beside=("ls", "disdo"), needs_teacher=True, display="KD", order=2,
+     long_name="Knowledge distillation",
+     plain="the student trained on the labels and on the teacher's softened output "
+     "distribution, weighted by alpha, at temperature T",
      note="Supported transfer: a strict majority of the functional metrics significant against "
      "both SIDDO and RCD (at the same alpha and T); LS and DISDO are tested and shown but not "
      "used in the verdict.")  # fmt: skip
-_add("rcd", "control", "rcd", params=("alpha", "temperature"), display="RCD", order=3)
+_add("rcd", "control", "rcd", params=("alpha", "temperature"), display="RCD", order=3,
+     long_name="Random control distillation",
+     plain="the KD loss with the teacher's distribution replaced by a uniform one: the "
+     "regularisation of KD without any of the teacher's knowledge")  # fmt: skip
 _add("ls", "control", "ls", params=("alpha",), display="LS", order=4, equals="rcd",
      equals_at=(("temperature", 1.0),), long_name="Label smoothing",
+     plain="the labels smoothed toward uniform by epsilon = alpha; equal to RCD at T = 1 up "
+     "to a constant",
      equals_note="Label smoothing at ε = α against RCD at the same α and T = 1 (equal losses "
      "up to a constant)")  # fmt: skip
 _add("disdo", "control", "cross_entropy", display="DISDO", order=5, init_from="student",
      data_order_from="teacher", self_distillation_only=True,
      long_name="Different initialisation, same data order",
+     plain="an independent model from other starting weights that sees the data in the "
+     "teacher's own order",
      note="DISDO (different initialisation, same data order as the teacher): an independent "
      "model that shares the teacher's minibatch order, seeded by the student seed; "
      "self-distillation only.")  # fmt: skip
@@ -243,19 +266,28 @@ _REMEDY = dict(
     remedy_of="kd",
 )
 _add("kd_masked", "treatment", "kd_masked", display="KD-masked", order=8, **_REMEDY,
+     long_name="KD masked where the teacher is wrong",
+     plain="KD only on the training examples the teacher gets right",
      note="KD-masked: the KD term only on training examples the teacher classifies "
      "correctly, CE alone on the others; tested against SIDDO and RCD like KD, and against KD "
      "at the same alpha and T.")  # fmt: skip
 _add("kd_confidence", "treatment", "kd_confidence", display="KD-confidence", order=9,
-     **_REMEDY, note="KD-confidence: each example's KD term weighted by the teacher's "
+     **_REMEDY, long_name="Confidence-weighted KD",
+     plain="KD weighted per example by the teacher's probability of the true label",
+     note="KD-confidence: each example's KD term weighted by the teacher's "
      "probability of its true label; tested like KD-masked.")  # fmt: skip
 _add("kd_corrected", "treatment", "kd_corrected", display="KD-corrected", order=10,
-     **_REMEDY, note="KD-corrected: where the teacher is wrong, the mass of its wrong top-1 "
+     **_REMEDY, long_name="KD from a corrected teacher",
+     plain="KD from the teacher's distribution with its wrong answers moved to the true label",
+     note="KD-corrected: where the teacher is wrong, the mass of its wrong top-1 "
      "class is moved to the true label before distilling; tested like KD-masked.")  # fmt: skip
 _add("fmkd", "treatment", "kdaudit.conditions.features:fmkd", params=("alpha",), controls=("siddo", "fmrc"),
      needs_teacher=True, features=True, display="FMKD", order=6,
+     long_name="Feature-map distillation",
+     plain="the student's inner features pulled toward the teacher's (mean squared error)",
      note="Feature-map matching (FMKD): supported when a strict majority of the functional "
      "metrics are significant against both SIDDO and FMRC (the same loss with a fixed random "
      "target of the teacher feature's shape and standard deviation, at the same alpha).")  # fmt: skip
 _add("fmrc", "control", "kdaudit.conditions.features:fmrc", params=("alpha",), needs_teacher=True, features=True,
-     display="FMRC", order=7)  # fmt: skip
+     display="FMRC", order=7, long_name="Feature-map random control",
+     plain="feature-map distillation toward a fixed random target of the same shape and scale")  # fmt: skip

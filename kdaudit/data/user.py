@@ -131,7 +131,14 @@ def _tensor(value: Any, where: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, np.ndarray | int | float | np.number):
-        return torch.as_tensor(np.asarray(value))
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":  # strings, objects, dates: torch refuses them
+            first = array.flat[0]
+            first = first.item() if isinstance(first, np.generic) else first
+            raise UserCodeError(f"{where} holds {_kind(array)} values (e.g. {first!r}); labels and inputs must be numbers: map "
+                                "class names to indices 0..K-1 first, e.g. names, y = "
+                                "np.unique(y, return_inverse=True)")  # fmt: skip
+        return torch.as_tensor(array)
     hint = (" (a PIL image: give the Dataset transform=torchvision.transforms.ToTensor())"
             if type(value).__module__.startswith("PIL") else "")  # fmt: skip
     raise UserCodeError(f"{where} is a {type(value).__name__}{hint}; expected a tensor, "
@@ -145,6 +152,10 @@ def _labels(y: torch.Tensor, where: str) -> torch.Tensor:
     if y.dtype == torch.bool or y.is_complex():
         raise UserCodeError(f"{where}: labels must be integer class indices, got {y.dtype}")
     return y.to(torch.int64).clone()
+
+
+def _kind(array: np.ndarray) -> str:
+    return {"U": "string", "S": "bytes", "O": "object"}.get(array.dtype.kind, str(array.dtype))
 
 
 def _describe(obj: Any) -> str:

@@ -19,8 +19,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
+import os
+import select
 import signal
 import sys
+import threading
+import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -221,7 +225,7 @@ def _new_pool(mp, workers: int, devices: list[str], threads: int, lanes: Lanes):
     for i in range(workers):  # (lane, device) of each worker
         slots.put((i, devices[i % len(devices)]))
     return ProcessPoolExecutor(workers, mp_context=mp, initializer=_start_worker,
-                               initargs=(slots, threads, lanes.array))  # fmt: skip
+                               initargs=(slots, threads, lanes.array, os.getpid()))  # fmt: skip
 
 
 def _context():
@@ -246,9 +250,10 @@ _WORKER_DEVICE: str | None = None
 _LANE: LaneWriter | None = None
 
 
-def _start_worker(slots, threads: int, lanes) -> None:
+def _start_worker(slots, threads: int, lanes, driver: int) -> None:
     global _WORKER_DEVICE, _LANE
     _die_with_parent()
+    _die_with_driver(driver)
     lane, _WORKER_DEVICE = slots.get()
     _LANE = LaneWriter(lanes, lane)
     torch.set_num_threads(threads)
@@ -265,3 +270,36 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):  # PR_SET_PDEATHSIG = 1
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _die_with_driver(driver: int) -> None:
+    """A worker forked by the fork server is the server's child, not the driver's, and it
+    holds the server's liveness pipe open, so neither notices the driver's death by itself:
+    the worker watches the driver and kills itself when it dies (even by kill -9); the
+    server then sees its pipe close and exits too."""
+    threading.Thread(target=_watch, args=(driver,), name="kdaudit-driver-watch",
+                     daemon=True).start()  # fmt: skip
+
+
+def _watch(driver: int) -> None:
+    try:
+        fd = os.pidfd_open(driver)  # Linux >= 5.3: readable once the driver has exited
+    except ProcessLookupError:
+        fd = None  # already gone
+    except (AttributeError, OSError):  # another OS: poll
+        while _alive(driver):
+            time.sleep(1.0)
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user (a reused pid)
+        return True
+    return True

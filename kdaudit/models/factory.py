@@ -69,10 +69,7 @@ def checked_build(
     if not isinstance(model, nn.Module):
         raise UserCodeError(f"{what} returned a {type(model).__name__}, not a torch.nn.Module; "
                             "it must build and return the model")  # fmt: skip
-    k = output_size(model, input_shape, what)
-    if k != num_classes:
-        raise UserCodeError(f"{what} outputs {k} logits per example but the dataset has "
-                            f"{num_classes} classes; make its last layer output {num_classes}")  # fmt: skip
+    _check_classes(model, input_shape, num_classes, what)
     return model
 
 
@@ -95,18 +92,27 @@ def output_size(model: nn.Module, input_shape: tuple[int, ...], what: str) -> in
     return out.shape[-1]
 
 
-def in_memory_model(fn: Callable[[int], nn.Module], name: str | None = None) -> dict:
+def in_memory_model(
+    fn: Callable[[int], nn.Module],
+    name: str | None = None,
+    *,
+    role: str = "model",
+    expect: tuple[tuple[int, ...], int] | None = None,  # (input shape, classes) to check
+) -> dict:
     """The config section of a model factory passed in memory, registered in this process.
-    Its fingerprint covers the factory's name and the architecture it builds (the module
-    tree and every tensor's name and shape), so two factories sharing a name (closures)
-    differ when their models do; a change to forward() code alone is not seen."""
+    Its fingerprint covers the factory's name, the architecture it builds (the module tree
+    and every tensor's name and shape) and the sha256 of the weights it builds for seed 0,
+    so two factories sharing a name (closures) differ when their models do, and so does a
+    factory whose initialisation changed; a change to forward() code alone is not seen."""
     ref = name or reference_of(fn)
     first, second = _seeded(fn, 0), _seeded(fn, 0)
     if not _same_weights(first, second):
-        raise UserCodeError(f"model factory {ref} gives different weights for the same seed; "
+        raise UserCodeError(f"{role} factory {ref} gives different weights for the same seed; "
                             "draw its initial weights from torch's RNG (kdaudit seeds it) or "
                             "from the seed argument")  # fmt: skip
-    fingerprint = _architecture_digest(ref, first)
+    if expect is not None:
+        _check_classes(first, *expect, f"{role} factory {ref}")
+    fingerprint = _digest(ref, first)
     remember("model", fingerprint, fn)
     return {"name": "in_memory", "factory": ref, "fingerprint": fingerprint}
 
@@ -126,7 +132,18 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _architecture_digest(ref: str, model: nn.Module) -> str:
-    shapes = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
-    blob = repr((ref, repr(model), shapes)).encode()
-    return hashlib.sha256(blob).hexdigest()
+def _check_classes(model: nn.Module, input_shape: tuple[int, ...], k: int, what: str) -> None:
+    out = output_size(model, input_shape, what)
+    if out != k:
+        raise UserCodeError(f"{what} outputs {out} logits per example but the dataset has {k} "
+                            f"classes; make its last layer output {k}")  # fmt: skip
+
+
+def _digest(ref: str, model: nn.Module) -> str:
+    """sha256 of the factory's name, its architecture and its seed-0 weights (bytes)."""
+    state = model.state_dict()
+    shapes = [(k, tuple(v.shape), str(v.dtype)) for k, v in state.items()]
+    h = hashlib.sha256(repr((ref, repr(model), shapes)).encode())
+    for v in state.values():
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -31,6 +31,22 @@ class Paragraph:
 class Bullets:
     items: tuple[str, ...]
     classes: tuple[str, ...] = ()  # one CSS class per item (HTML only)
+    leads: tuple[str, ...] = ()  # one bold lead per item, before its text
+
+
+@dataclass(frozen=True)
+class Legend:
+    """What the verdict colours mean: (CSS class, meaning) pairs (HTML only: Markdown has no
+    colours)."""
+
+    entries: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A warning the reader must see first (an incomplete grid, a teacher near chance)."""
+
+    text: str
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from kdaudit.report.blocks import Bullets, Details, Figure, Paragraph, Section, Table
+from kdaudit.report.blocks import (
+    Bullets,
+    Details,
+    Figure,
+    Legend,
+    Notice,
+    Paragraph,
+    Section,
+    Table,
+)
 
 MARK_CLASSES = {"✓": "mark-yes", "·": "mark-no", "0": "mark-zero"}
 
@@ -26,6 +35,15 @@ ul.verdicts li { margin: 8px 0; padding: 8px 12px; border-left: 5px solid var(--
 ul.verdicts li.supported { border-left-color: var(--ok); }
 ul.verdicts li.marginal { border-left-color: var(--warn); }
 ul.verdicts li.insufficient_n { border-left-color: #9aa0a6; border-left-style: dashed; }
+ul.legend { list-style: none; padding: 0; margin: 4px 0 10px; color: var(--muted);
+            font-size: 0.86em; }
+ul.legend li { display: inline-block; margin-right: 16px; padding-left: 8px;
+               border-left: 5px solid var(--no); }
+ul.legend li.supported { border-left-color: var(--ok); }
+ul.legend li.marginal { border-left-color: var(--warn); }
+ul.legend li.insufficient_n { border-left-color: #9aa0a6; border-left-style: dashed; }
+.notice { margin: 10px 0; padding: 8px 12px; border: 1px solid var(--warn);
+          background: #fff8eb; border-radius: 3px; font-weight: 600; }
 .scroll { overflow-x: auto; margin: 6px 0 14px; }
 table { border-collapse: collapse; font-size: 0.86em; font-variant-numeric: tabular-nums; }
 caption { caption-side: top; text-align: left; color: var(--muted); padding: 0 0 4px; }
@@ -49,9 +67,11 @@ footer { color: var(--muted); font-size: 0.82em; margin-top: 40px; border-top: 1
 """
 
 
-def render(title: str, meta_line: str, sections: list[Section], footer: str) -> str:
+def render(title: str, meta_line: str, sections: list[Section], footer: str,
+           notices: tuple[Notice, ...] = ()) -> str:  # fmt: skip
     body = "\n".join(_section(s) for s in sections)
-    meta = f'<p class="meta">{escape(meta_line)}</p>' if meta_line else ""
+    meta = "".join(f'<p class="notice">{escape(n.text)}</p>' for n in notices)
+    meta += f'<p class="meta">{escape(meta_line)}</p>' if meta_line else ""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -76,6 +96,9 @@ def _block(block) -> str:
         return _bullets(block)
     if isinstance(block, Figure):
         return _figure(block)
+    if isinstance(block, Legend):
+        items = "".join(f'<li class="{escape(c)}">{escape(t)}</li>' for c, t in block.entries)
+        return f'<ul class="legend" aria-label="legend">{items}</ul>'
     if isinstance(block, Details):
         inner = "\n".join(_block(b) for b in block.blocks)
         return f"<details>\n<summary>{escape(block.summary)}</summary>\n{inner}\n</details>"
@@ -85,11 +108,16 @@ def _block(block) -> str:
 def _bullets(block: Bullets) -> str:
     classes = block.classes or ("",) * len(block.items)
     css = "verdicts" if block.classes else "plain"
+    leads = block.leads or ("",) * len(block.items)
     items = "".join(
-        f'<li class="{escape(c)}">{escape(t)}</li>\n'
-        for t, c in zip(block.items, classes, strict=True)
+        f'<li class="{escape(c)}">{_lead(lead)}{escape(t)}</li>\n'
+        for t, c, lead in zip(block.items, classes, leads, strict=True)
     )
     return f'<ul class="{css}">\n{items}</ul>'
+
+
+def _lead(text: str) -> str:
+    return f"<strong>{escape(text)}</strong>" if text else ""
 
 
 def _figure(block: Figure) -> str:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from kdaudit.report.blocks import Bullets, Details, Figure, Paragraph, Section, Table
+from kdaudit.report.blocks import (
+    Bullets,
+    Details,
+    Figure,
+    Legend,
+    Notice,
+    Paragraph,
+    Section,
+    Table,
+)
 
 
-def render(title: str, meta_line: str, sections: list[Section], footer: str) -> str:
-    parts = [f"# {title}", meta_line] if meta_line else [f"# {title}"]
+def render(title: str, meta_line: str, sections: list[Section], footer: str,
+           notices: tuple[Notice, ...] = ()) -> str:  # fmt: skip
+    parts = [f"# {title}", *(f"> **{n.text}**" for n in notices)]
+    if meta_line:
+        parts.append(meta_line)
     for section in sections:
         parts.append(f"## {section.title}")
-        parts.extend(_block(b) for b in section.blocks)
+        parts.extend(text for text in map(_block, section.blocks) if text)
     parts.append(f"---\n{footer}")
     return "\n\n".join(parts) + "\n"
 
@@ -20,7 +32,11 @@ def _block(block) -> str:
     if isinstance(block, Paragraph):
         return block.text
     if isinstance(block, Bullets):
-        return "\n".join(f"- {item}" for item in block.items)
+        leads = block.leads or ("",) * len(block.items)
+        return "\n".join(f"- **{lead}**{item}" if lead else f"- {item}"
+                         for lead, item in zip(leads, block.items, strict=True))  # fmt: skip
+    if isinstance(block, Legend):
+        return ""
     if isinstance(block, Figure):
         return f"![{block.caption}]({block.path})"
     if isinstance(block, Details):

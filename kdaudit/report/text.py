@@ -31,6 +31,15 @@ def verdict_lines(analysis: Analysis) -> list[str]:
 
 
 def verdict_sentence(s: SettingResult, options: AnalysisOptions) -> str:
+    return f"{_head(s)}: {verdict_evidence(s, options)}."
+
+
+def verdict_evidence(s: SettingResult, options: AnalysisOptions) -> str:
+    """The tests behind a verdict, without the setting it belongs to."""
+    return f"{_transfer(s, options)}; {_asymmetry(s, options)}"
+
+
+def _head(s: SettingResult) -> str:
     setting = fmt.setting_text(s.alpha, s.temperature, s.width, s.teacher_label_noise)
     if s.teacher_seed == POOLED:
         counts = ", ".join(
@@ -40,7 +49,7 @@ def verdict_sentence(s: SettingResult, options: AnalysisOptions) -> str:
         head += f" {setting}"
     else:
         head = f"Teacher seed {s.teacher_seed}, {fmt.control_name(s.condition)} {setting}"
-    return f"{head}: {_transfer(s, options)}; {_asymmetry(s, options)}."
+    return head
 
 
 def _transfer(s: SettingResult, options: AnalysisOptions) -> str:
