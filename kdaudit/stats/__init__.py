@@ -4,9 +4,9 @@ Input is the tidy run table, one row per run per metric. A *setting* is one
 (teacher_seed, alpha, temperature, width, teacher_label_noise) of a treatment condition; its
 runs are paired with the runs of each of its controls at the same grid axes (AXES: student
 width, teacher label noise) by student seed, which is what makes the Wilcoxon signed-rank
-tests paired. Which controls a treatment has, and which
-setting parameters each shares with it, is a `Designs` table passed in (by default the
-condition registry's, kdaudit.conditions.designs()). A parameter a condition does not have
+tests paired. Which controls a treatment has, and which setting parameters each shares with
+it, is a `Designs` table passed in (by default the condition registry's,
+kdaudit.conditions.designs()). A parameter a condition does not have
 (a feature-map treatment's temperature) is NaN. The metrics, their better directions and
 which of them are functional come from the metric registry (kdaudit.metrics). The grid axes
 are optional columns: a table without `width` (capacity grids) is one width, NaN; without
