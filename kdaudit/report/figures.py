@@ -200,9 +200,10 @@ def teacher_noise(frame) -> bytes:
     fig = Figure(figsize=(12.0, 3.8), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, len(NOISE_PANELS), squeeze=False)[0]
     groups = list(rows.groupby(["alpha", "temperature", "width"], dropna=False, sort=True))
+    show_t = rows["temperature"].nunique() > 1
     for i, ((alpha, temperature, width), group) in enumerate(groups):
         group = group.sort_values("teacher_label_noise")
-        label = fmt.condition_label("KD", alpha, temperature, len(groups) > 1, width)
+        label = fmt.condition_label("KD", alpha, temperature, show_t, width)
         color = CONTROL_COLORS[i % len(CONTROL_COLORS)]
         _noise_line(axes[0], group, "transfer", color, "-", label)
         for ax, scale in zip(axes[1:], ("raw", "headroom"), strict=True):
