@@ -334,7 +334,7 @@ def _notes_section(content: _Content, analysis: Analysis, meta: dict) -> Section
     failed = [f"{k}: {v}" for k, v in meta.items() if "fail" in str(k).lower()]
     setting_notes = [
         f"Teacher seed {s.teacher_seed}, {fmt.control_name(s.condition)} "
-        f"{fmt.setting_text(s.alpha, s.temperature, s.width, s.teacher_label_noise)}: {s.note}"
+        f"{fmt.setting_of(s)}: {s.note}"
         for s in analysis.settings
         if s.note
     ]

@@ -100,3 +100,8 @@ def setting_text(
     text = f"alpha={alpha:g}" if is_missing(temperature) else f"alpha={alpha:g}, T={temperature:g}"
     text = text if is_missing(width) else f"{text}, width={width:g}"
     return ", ".join([text, *noise_parts(noise)])
+
+
+def setting_of(s) -> str:
+    """setting_text of a setting (a stats.SettingResult): its alpha, T and grid axes."""
+    return setting_text(s.alpha, s.temperature, s.width, s.teacher_label_noise)

@@ -40,7 +40,7 @@ def verdict_evidence(s: SettingResult, options: AnalysisOptions) -> str:
 
 
 def _head(s: SettingResult) -> str:
-    setting = fmt.setting_text(s.alpha, s.temperature, s.width, s.teacher_label_noise)
+    setting = fmt.setting_of(s)
     if s.teacher_seed == POOLED:
         counts = ", ".join(
             f"{n} {v.replace('_', ' ')}" for v, n in (s.teacher_verdicts or {}).items()
