@@ -1,19 +1,60 @@
-"""`kdaudit` command line: parses arguments, calls the Python API, prints."""
+"""`kdaudit` command line: parses arguments, calls the Python API, prints.
+
+Only argparse and the standard library load before a command runs: `--help`, `--version`
+and argument errors answer at once, and each command imports what it needs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from kdaudit import __version__
 from kdaudit.errors import ConfigError
+
+DESCRIPTION = """\
+Audit knowledge distillation: did the student learn its teacher's knowledge (and its
+mistakes), or only a regularisation effect? kdaudit trains a teacher, KD students and
+control students on paired seeds, measures how alike teacher and students behave, and tests
+it against the controls."""
+
+EPILOG = """\
+examples:
+  kdaudit run configs/mnist1d.yaml              the default audit (71 small runs, CPU)
+  kdaudit run configs/mnist1d.yaml --smoke      check a config in about a minute
+  kdaudit run CONFIG --set train.epochs=5       change any config value
+  kdaudit status runs/mnist1d                   what is complete, pending, failed
+  kdaudit report runs/mnist1d                   (re)write runs/mnist1d/report/
+  kdaudit export runs/mnist1d                   a compare manifest of its test logits
+  kdaudit compare manifest.csv                  audit saved test logits, no training
+  kdaudit list models                           what a config can name
+
+`kdaudit COMMAND --help` describes a command's options."""
+
+RUN_EPILOG = """\
+examples:
+  kdaudit run configs/mnist1d.yaml
+  kdaudit run configs/mnist1d.yaml --smoke --out runs/try
+  kdaudit run configs/fsdd.yaml --data-dir ~/data --set protocol.alphas=[0.5]
+
+Rerunning the same command resumes: complete runs are kept and skipped. A different config
+into a run directory that holds another is refused unless --force-new-config is given."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try
+        return code
+    except BrokenPipeError:
+        # the reader went away (`kdaudit status --json | head -1`): nothing left to say.
+        # Python flushes stdout again at exit; point it at devnull so that fails silently.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ConfigError, FileNotFoundError, RuntimeError) as err:
         print(f"kdaudit: error: {err}", file=sys.stderr)
         return 2
@@ -24,10 +65,57 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdaudit", description=__doc__)
+    p = argparse.ArgumentParser(prog="kdaudit", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--version", action="version", version=f"kdaudit {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    _run_parser(sub)
 
-    run = sub.add_parser("run", help="run (or resume) an audit from a YAML config")
+    report = sub.add_parser("report", help="analyse a run directory and write DIR/report/",
+                            description="Analyse the complete runs of a run directory (also "
+                            "of an unfinished grid) and (re)write DIR/report/.")  # fmt: skip
+    report.add_argument("dir", type=Path)
+    report.add_argument("--data-dir", type=Path,
+                        help="dataset directory, for reports that read the test data "
+                             "(targeted error transfer; default: $KDAUDIT_DATA)")  # fmt: skip
+    report.add_argument("--beside", type=Path, action="append", default=[], metavar="DIR",
+                        help="another audit's run directory whose teachers' train loss and "
+                             "transfer go beside this one's (teacher regimes; repeatable)")  # fmt: skip
+    report.set_defaults(func=_report)
+
+    status = sub.add_parser("status", help="complete / pending / failed runs of a run directory")
+    status.add_argument("dir", type=Path)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    compare = sub.add_parser("compare", help="audit saved test logits listed in a manifest CSV")
+    compare.add_argument("manifest", type=Path)
+    compare.add_argument("--out", type=Path, help="output folder (default: runs/<manifest name>)")
+    compare.set_defaults(func=_compare)
+
+    export = sub.add_parser("export", help="write a compare manifest of a run directory's "
+                            "test logits")  # fmt: skip
+    export.add_argument("dir", type=Path, help="a run directory of `kdaudit run`")
+    export.add_argument("--out", type=Path, help="the manifest CSV (default: DIR/manifest.csv)")
+    export.add_argument("--data-dir", type=Path,
+                        help="dataset directory, read only when DIR holds no test_labels.npy "
+                             "(default: $KDAUDIT_DATA)")  # fmt: skip
+    export.set_defaults(func=_export)
+
+    listing = sub.add_parser("list", help="the datasets, models, conditions and shipped "
+                             "configs a config can name")  # fmt: skip
+    listing.add_argument("kind", nargs="?", choices=("datasets", "models", "conditions",
+                         "configs"), help="one kind (default: all)")  # fmt: skip
+    listing.set_defaults(func=_list)
+    _logits_parser(sub)
+    return p
+
+
+def _run_parser(sub) -> None:
+    run = sub.add_parser("run", help="run (or resume) an audit from a YAML config",
+                         description="Run (or resume) the audit a YAML config describes, then "
+                         "write its report.", epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     run.add_argument("config", type=Path)
     run.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -35,9 +123,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     run.add_argument("--data-dir", type=Path,
                      help="dataset directory (default: the config's data_dir, else $KDAUDIT_DATA)")  # fmt: skip
+    run.add_argument("--cache-dir", type=Path,
+                     help="where derived arrays (generated, decoded, features) are kept "
+                          "(default: $KDAUDIT_CACHE, else ~/.cache/kdaudit)")  # fmt: skip
     run.add_argument("--smoke", action="store_true",
                      help="a tiny grid and training (about a minute) to check the config works")  # fmt: skip
     run.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    run.add_argument("--force-new-config", action="store_true",
+                     help="run this config into a run directory that holds another one's "
+                          "runs (they are kept; the report is of this config)")  # fmt: skip
     run.add_argument("--executor", default="local", metavar="NAME",
                      help="a registered executor: local (this machine, the default) or ray "
                           "(a Ray cluster)")  # fmt: skip
@@ -58,28 +152,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="reruns of a run whose worker process died (default 3); "
                           "runs that raise are recorded as failed, not rerun")  # fmt: skip
     run.set_defaults(func=_run)
-
-    report = sub.add_parser("report", help="analyse a run directory and write DIR/report/")
-    report.add_argument("dir", type=Path)
-    report.add_argument("--data-dir", type=Path,
-                        help="dataset directory, for reports that read the test data "
-                             "(targeted error transfer; default: $KDAUDIT_DATA)")  # fmt: skip
-    report.add_argument("--beside", type=Path, action="append", default=[], metavar="DIR",
-                        help="another audit's run directory whose teachers' train loss and "
-                             "transfer go beside this one's (teacher regimes; repeatable)")  # fmt: skip
-    report.set_defaults(func=_report)
-
-    status = sub.add_parser("status", help="complete / pending / failed runs of a run directory")
-    status.add_argument("dir", type=Path)
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=_status)
-
-    compare = sub.add_parser("compare", help="audit saved test logits listed in a manifest CSV")
-    compare.add_argument("manifest", type=Path)
-    compare.add_argument("--out", type=Path, help="output folder (default: runs/<manifest name>)")
-    compare.set_defaults(func=_compare)
-    _logits_parser(sub)
-    return p
 
 
 def _logits_parser(sub) -> None:
@@ -118,14 +190,22 @@ def _logits_parser(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from kdaudit import api
+    from kdaudit.config import load_config
 
+    load_config(args.config, args.overrides)  # a config error answers before torch loads
+    from kdaudit.executors.progress import default_reporter
+
+    if args.cache_dir is not None:
+        from kdaudit.data.cache import use_cache_dir
+
+        use_cache_dir(args.cache_dir)
     executor = api.ExecutorConfig(args.executor, workers=args.workers, threads=args.threads,
                               address=args.address, max_retries=args.max_retries,
                               stack=args.stack)  # fmt: skip
     result = api.run(
         args.config, args.out, overrides=args.overrides, device=args.device,
         data_dir=args.data_dir, smoke_test=args.smoke, retry_failed=args.retry_failed,
-        reporter=api.RichReporter(), executor=executor,
+        reporter=default_reporter(), executor=executor, force_new_config=args.force_new_config,
     )  # fmt: skip
     outcome = result.outcome
     for path in outcome.quarantined:
@@ -157,6 +237,32 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"kdaudit: error: {err}", file=sys.stderr)
         return 2
     _print_result(result)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kdaudit.compare import CompareError
+    from kdaudit.compare.export import export_manifest
+
+    try:
+        path, n = export_manifest(args.dir, args.out, args.data_dir)
+    except CompareError as err:
+        print(f"kdaudit: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{path}: {n} runs and the test labels; audit them with `kdaudit compare {path}`")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from kdaudit.catalog import KINDS, catalog, describe_setting
+
+    for kind in [args.kind] if args.kind else KINDS:
+        print(f"{kind}:")
+        for item in catalog(kind):
+            print(f"  {item.name:14s} {item.about}" if item.about else f"  {item.name}")
+            if item.settings:
+                shown = ", ".join(f"{k}={describe_setting(v)}" for k, v in item.settings.items())
+                print(f"  {'':14s} settings: {shown}")
     return 0
 
 
@@ -234,8 +340,11 @@ def _print_result(result) -> None:
     for r in accuracy_by_condition(result.runs).itertuples():
         print(f"  {_setting(r)}: test accuracy {r.mean:.4f} ± {r.sem:.4f} (n={r.n})")
     print()
-    for line in result.verdict_lines():
-        print(line)
+    for plain, evidence in result.plain_verdicts():
+        print(plain)
+        print(f"  evidence: {evidence}.")
+    for fact in result.facts():
+        print(f"- {fact}")
     print(f"\nreport: {result.report}")
 
 

@@ -302,10 +302,21 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw.setdefault("name", path.stem)
+    _resolve_paths(raw, path.parent)
     for item in overrides:
         apply_override(raw, item)
     _complete_teacher_train(raw)
     return from_dict(ExperimentConfig, raw)
+
+
+def _resolve_paths(raw: dict, folder: Path) -> None:
+    """Paths written in a config file are relative to that file, not to the working
+    directory (--set values stay relative to the working directory)."""
+    sections = [(raw, "data_dir"), (raw.get("protocol"), "teacher_checkpoint")]
+    for section, key in sections:
+        value = section.get(key) if isinstance(section, dict) else None
+        if isinstance(value, str) and value:
+            section[key] = str((folder / Path(value).expanduser()).resolve())
 
 
 def _complete_teacher_train(raw: dict) -> None:

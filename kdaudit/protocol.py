@@ -229,6 +229,9 @@ def _capped(train: TrainConfig, max_steps: int) -> TrainConfig:
     return replace(train, max_steps=min(train.max_steps or max_steps, max_steps))
 
 
+SMOKE_SUFFIX = "-smoke"  # the name of a smoke run's config: its report says so
+
+
 def smoke(cfg: ExperimentConfig, max_steps: int = 40) -> ExperimentConfig:
     """A config's grid and training shrunk to check, in about a minute, that it works:
     one teacher seed, two student seeds, every condition, the smallest and largest student
@@ -246,4 +249,8 @@ def smoke(cfg: ExperimentConfig, max_steps: int = 40) -> ExperimentConfig:
         teacher_train=None if teacher_train is None else _capped(teacher_train, max_steps),
     )
     train = _capped(cfg.train, max_steps)
-    return replace(cfg, name=f"{cfg.name}-smoke", train=train, protocol=protocol)
+    return replace(cfg, name=f"{cfg.name}{SMOKE_SUFFIX}", train=train, protocol=protocol)
+
+
+def is_smoke(cfg: ExperimentConfig) -> bool:
+    return cfg.name.endswith(SMOKE_SUFFIX)

@@ -111,6 +111,7 @@ class PageCheck:
     errors: list[str]  # console errors, uncaught exceptions, failed loads
     resources: list[str]  # URLs fetched by the page other than data: URIs
     first_section: str
+    first_verdict_top: float  # px from the top of a 900 px high window; -1: no verdict
     text: str = field(repr=False, default="")
 
 
@@ -215,6 +216,8 @@ _PAGE_PROBE = """JSON.stringify({
   resources: performance.getEntriesByType('resource').map(e => e.name)
              .filter(u => !u.startsWith('data:')),
   first_section: (document.querySelector('main section') || {}).id || '',
+  first_verdict_top: (() => { const li = document.querySelector('#verdicts ul.verdicts li');
+                              return li ? li.getBoundingClientRect().top : -1; })(),
   text: document.body.innerText,
 })"""
 

@@ -162,9 +162,27 @@ def test_a_factory_whose_initialisation_changed_gets_new_run_ids(splits, tmp_pat
     before = _record_times(tmp_path / "out")
     again = kdaudit.audit(net(1.0), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
     assert again.outcome.completed == 0  # the same factory resumes
-    other = kdaudit.audit(net(0.5), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
+    with pytest.raises(ConfigError, match=r"holds the audit of another config .* differs in "
+                                          r"model\.fingerprint"):  # fmt: skip
+        kdaudit.audit(net(0.5), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
+    assert _record_times(tmp_path / "out") == before
+    other = kdaudit.audit(net(0.5), *splits, out=tmp_path / "out", teacher_seeds=(0,),
+                          force_new_config=True, **grid)  # fmt: skip
     assert other.outcome.completed == len(before) and other.outcome.skipped == 0
     assert set(before) <= set(_record_times(tmp_path / "out"))  # old runs kept
+
+
+def test_a_refused_call_leaves_the_earlier_pretrained_teacher_file_alone(splits, tmp_path):
+    torch.manual_seed(5)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+    grid = dict(GRID, epochs=1, student_seeds=(10,))
+    kdaudit.audit(tiny_net, *splits, teacher=teacher, out=tmp_path / "out", **grid)
+    saved = (tmp_path / "out" / "teacher.safetensors").read_bytes()
+    with torch.no_grad():
+        teacher[0].weight.mul_(2.0)  # another teacher: another config
+    with pytest.raises(ConfigError, match="holds the audit of another config"):
+        kdaudit.audit(tiny_net, *splits, teacher=teacher, out=tmp_path / "out", **grid)
+    assert (tmp_path / "out" / "teacher.safetensors").read_bytes() == saved
 
 
 # ---------------------------------------------------------------- configs naming user code

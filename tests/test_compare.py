@@ -352,7 +352,8 @@ def test_cli_writes_the_report_and_prints_the_verdicts(audit, tmp_path, capsys):
     assert main(["compare", str(audit.manifest()), "--out", str(out)]) == 0
     printed = capsys.readouterr()
     # three paired seeds: no one-sided exact test can reach 0.05, so no verdict either way
-    assert "Teacher seed 0, KD alpha=0.5, T=1: no verdict, too few paired seeds" in printed.out
+    assert "KD alpha=0.5, T=1 (teacher seed 0): no verdict: too few paired seeds" in printed.out
+    assert "  evidence: no verdict, too few paired seeds" in printed.out
     assert f"report: {out / 'report' / 'index.html'}" in printed.out
     assert "train accuracy" not in printed.out  # unknown from test logits
     assert "[1/10] teacher_t0" in printed.err
@@ -368,3 +369,30 @@ def test_cli_prints_a_compare_error_on_one_line_with_exit_code_2(audit, tmp_path
     assert main(["compare", str(audit.manifest(rows)), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kdaudit: error: manifest lines") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- copied mistakes
+
+
+def test_compare_writes_the_copied_mistakes_tables(audit, tmp_path):
+    compare(audit.manifest(), tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "report" / "tables" / "copied_errors.csv")
+    teacher = audit.teacher.reshape(-1, K).argmax(1)
+    wrong = np.flatnonzero(teacher != audit.labels.reshape(-1))
+    assert sorted(table.example) == sorted(wrong)  # every teacher mistake, once
+    for role in ("kd", "siddo", "rcd"):  # the share of seeds that copied it, from numpy
+        preds = np.stack([audit.students[(role, s)].reshape(-1, K).argmax(1) for s in SEEDS])
+        expected = (preds[:, wrong] == teacher[wrong]).mean(axis=0)
+        column = next(c for c in table.columns if c.startswith(role))
+        got = table.set_index("example").loc[wrong, column].to_numpy()
+        assert np.allclose(got, expected), role
+    assert (tmp_path / "out" / "report" / "tables" / "copied_class_pairs.csv").is_file()
+    assert "## Which mistakes were copied" in (tmp_path / "out/report/report.md").read_text()
+
+
+def test_too_many_teacher_mistakes_leave_the_tables_out_with_a_note(audit, tmp_path, monkeypatch):
+    monkeypatch.setattr("kdaudit.compare.copied.MAX_EXAMPLES", 3)
+    result = compare(audit.manifest(), tmp_path / "out")
+    assert any(n.startswith("copied-mistakes tables left out: teacher seed 0 has ")
+               for n in result.notes)  # fmt: skip
+    assert not (tmp_path / "out" / "report" / "tables" / "copied_errors.csv").exists()

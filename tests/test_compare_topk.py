@@ -87,7 +87,8 @@ def test_k_equal_v_gives_the_full_logit_audit(tmp_path, shape):
     columns = [c for c in columns if c in full.verdicts.columns]
     pd.testing.assert_frame_equal(full.verdicts[columns], topk.verdicts[columns])
     assert full.verdict_lines() == topk.verdict_lines()
-    assert "top-k approx.: none" in (tmp_path / "topk" / "report" / "report.md").read_text()
+    md = (tmp_path / "topk" / "report" / "report.md").read_text()
+    assert "top-k approx.: none" in md and md.count("(top-k approx.)") == 0
 
 
 def test_top_k_students_of_a_full_logit_teacher(tmp_path):
@@ -108,6 +109,12 @@ def test_top_k_students_of_a_full_logit_teacher(tmp_path):
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
     assert summary["meta"]["top-k approx."] == marked
     assert summary["meta"]["top-k"] == "k=3 of V=5 (9 top-k file(s))"
+    # every table row naming an approximate metric carries the mark; exact metrics do not
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "| activation distance ↓ (top-k approx.) |" in md
+    assert "| js divergence ↓ (top-k approx.) |" in md
+    assert "| prediction disagreement ↓ |" in md and "| rank disagreement ↓ |" in md
+    assert "prediction disagreement (top-k approx.)" not in md
 
 
 def test_files_of_several_k_are_compared_at_the_smallest(tmp_path):

@@ -166,7 +166,7 @@ def test_cli_run_status_report(tiny_config, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "7 runs completed now" in printed and "teacher seed 0: test accuracy" in printed
     # two paired seeds: no verdict either way (a one-sided exact test needs five)
-    assert "KD alpha=0.5, T=1: no verdict, too few paired seeds" in printed
+    assert "KD alpha=0.5, T=1 (teacher seed 0): no verdict: too few paired seeds" in printed
     assert "report/index.html" in printed
     assert (out / "report" / "index.html").is_file()
     assert main(["status", str(out), "--json"]) == 0

@@ -469,3 +469,21 @@ def test_cuda_tensors_match_cpu():
     # A CUDA teacher pulls numpy inputs onto its device chunk by chunk.
     mixed = functional_similarity(cuda[0], model, labels, chunk_size=128)
     assert_same_results(mixed, cpu, rel=1e-9)
+
+
+def test_a_streamed_pass_runs_on_one_cpu_thread_and_restores_the_setting(monkeypatch):
+    from kdaudit.metrics import streaming
+
+    seen = []
+    real = streaming._FullSource.chunk
+    monkeypatch.setattr(streaming._FullSource, "chunk",
+                        lambda self, *a: (seen.append(torch.get_num_threads()), real(self, *a))[1])  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+        streaming.functional_similarity(z, z + 0.1, torch.zeros(50, dtype=torch.long))
+        assert seen and set(seen) == {streaming.STREAM_THREADS}
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)

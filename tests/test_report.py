@@ -153,7 +153,8 @@ def test_renders_in_chromium(report, tmp_path):
     assert page.errors == []
     assert page.images and all(i["complete"] and i["width"] > 0 for i in page.images), page.images
     assert page.resources == []
-    assert page.first_section == "verdicts"
+    assert page.first_section == "tested"  # what was tested, then the verdicts
+    assert 0 < page.first_verdict_top < 900 - 100  # the first verdict on the first screen
     assert "transfer supported" in page.text
     assert screenshot.read_bytes().startswith(PNG_MAGIC)
 

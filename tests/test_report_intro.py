@@ -131,3 +131,16 @@ def test_legend_in_the_page_only_and_a_glossary_of_the_conditions_present(tmp_pa
     for term in ("Δcorrect, Δincorrect", "raw and headroom scales", "asymmetry", "p, FDR"):
         assert f"**{term}**" in glossary
     assert md.index("### Glossary") < md.index("## Teachers")
+
+
+def test_a_smoke_run_says_first_that_its_verdicts_are_not_evidence(tiny_config, tmp_path):
+    from kdaudit.cli import main
+
+    out = tmp_path / "smoke"
+    assert main(["run", str(tiny_config), "--smoke", "--out", str(out), "--device", "cpu"]) == 0
+    md = (out / "report" / "report.md").read_text()
+    assert md.splitlines()[2].startswith("> **Smoke run: a tiny grid")
+    assert "Its verdicts are not evidence" in md
+    full = tmp_path / "full"
+    assert main(["run", str(tiny_config), "--out", str(full), "--device", "cpu"]) == 0
+    assert "Smoke run" not in (full / "report" / "report.md").read_text()

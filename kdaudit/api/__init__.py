@@ -23,7 +23,7 @@ from kdaudit.config import (
     load_config,
     to_dict,
 )
-from kdaudit.protocol import expand, smoke
+from kdaudit.protocol import expand, is_smoke, smoke
 
 __all__ = ["AuditOptions", "audit", "compare", "logits", "plan", "report", "run", "status"]
 
@@ -39,12 +39,15 @@ def run(
     retry_failed: bool = False,
     reporter=None,  # kdaudit.executors.progress.Reporter
     executor="local",  # "local", "ray", or a kdaudit.executors.ExecutorConfig
+    force_new_config: bool = False,
 ):
     """Run (or resume) the audit a config describes, then write its report. Returns an
     AuditResult whose `outcome` says what this call ran; its analysis and report are None
-    while no student run is complete."""
+    while no student run is complete. A config other than the one whose runs `out` holds
+    is refused (ConfigError) unless `force_new_config`."""
     from kdaudit.executors import run_grid
     from kdaudit.store import RunStore
+    from kdaudit.store.target import check_same_config, check_writable
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if smoke_test:
@@ -52,6 +55,9 @@ def run(
     out = Path(out) if out else Path("runs") / cfg.name
     data_dir = data_dir or cfg.data_dir
     cfg = _pin_teacher(cfg)
+    check_writable(out)
+    if not force_new_config:
+        check_same_config(out, cfg, config)
     _check_user_code(cfg, executor, data_dir)
     outcome = run_grid(cfg, out, executor, device, data_dir, retry_failed, reporter)
     if not any(RunStore(out).is_complete(s.run_id) for s in expand(cfg).students):
@@ -76,6 +82,7 @@ class AuditOptions:
     save_weights: bool = False
     retry_failed: bool = False
     reporter: Any = None  # kdaudit.executors.progress.Reporter
+    force_new_config: bool = False  # run into an `out` holding another config's runs
 
 
 def audit(
@@ -112,20 +119,30 @@ def audit(
 
     Runs are stored in `out` (default runs/<name>); the same call again resumes.
     """
-    from kdaudit.api.objects import experiment_from_objects
+    from kdaudit.api.objects import experiment_from_objects, save_pretrained_teacher
     from kdaudit.engine.run import check_models
     from kdaudit.executors import run_grid
+    from kdaudit.store.target import check_same_config, check_writable
 
     parts = _split_keywords(keywords, protocol, training, options)
     run_options = replace(options or AuditOptions(), **parts["options"])
     executor = _in_process(run_options.executor)
     out = Path(out) if out else Path("runs") / name
+    check_writable(out)
     cfg, data = experiment_from_objects(
         model, train, test, teacher=teacher, out=out, name=name, num_classes=num_classes,
         protocol=parts["protocol"], training=parts["training"], analysis=analysis,
         save_weights=run_options.save_weights,
     )  # fmt: skip
-    check_models(expand(cfg), data)
+    if not run_options.force_new_config:
+        check_same_config(out, cfg, "this audit() call")
+    created = save_pretrained_teacher(cfg, teacher)
+    try:
+        check_models(expand(cfg), data)  # loads the teacher's checkpoint
+    except Exception:
+        if created is not None:
+            created.unlink(missing_ok=True)
+        raise
     outcome = run_grid(cfg, out, executor, run_options.device, None, run_options.retry_failed,
                        run_options.reporter)  # fmt: skip
     _check_outcome(out, cfg, outcome)
@@ -274,6 +291,7 @@ def _about(out: Path, cfg: ExperimentConfig, labels):
         runs_complete=state["complete"],
         runs_total=state["total"],
         pretrained_teacher=cfg.pretrained_teacher,
+        smoke=is_smoke(cfg),
     )
 
 

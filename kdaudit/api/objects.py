@@ -2,8 +2,8 @@
 
 The objects get config sections with stable fingerprints (data: the sha256 of its tensors;
 a model factory: its name, the architecture it builds and the sha256 of its seed-0 weights;
-a pretrained teacher: the sha256 of its weights, saved to OUT/teacher.safetensors once the
-whole config is valid), so the same call twice expands to the same run ids and resumes. The objects themselves stay in this process (kdaudit.user_code).
+a pretrained teacher: the sha256 of its weights, saved to OUT/teacher.safetensors by
+save_pretrained_teacher once the call has passed every check), so the same call twice expands to the same run ids and resumes. The objects themselves stay in this process (kdaudit.user_code).
 """
 
 from __future__ import annotations
@@ -65,10 +65,19 @@ def experiment_from_objects(
     }
     if analysis is not None:
         raw["analysis"] = to_dict(analysis)
-    config = from_dict(ExperimentConfig, raw)
-    if pretrained:  # written only now: a refused call leaves nothing in OUT
-        write_teacher(teacher, Path(pretrained["teacher_checkpoint"]), pretrained["teacher_sha256"])
-    return config, data
+    return from_dict(ExperimentConfig, raw), data
+
+
+def save_pretrained_teacher(cfg: ExperimentConfig, teacher: Any) -> Path | None:
+    """OUT/teacher.safetensors of a pretrained teacher, written only once the call has
+    passed the config's checks, so a refused call neither leaves nor replaces one; the
+    path when this call created the file (None: none needed, or it was already there)."""
+    if not (cfg.pretrained_teacher and isinstance(teacher, nn.Module)):
+        return None
+    path = Path(cfg.protocol.teacher_checkpoint)
+    existed = path.is_file()
+    write_teacher(teacher, path, cfg.protocol.teacher_sha256)
+    return None if existed else path
 
 
 def _model_sections(model, teacher, data: TensorData, out: Path) -> tuple[dict, dict]:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from kdaudit.compare.cache import MetricsCache
 from kdaudit.compare.checks import Layout, check_controls, check_files
+from kdaudit.compare.copied import copied_predictions
 from kdaudit.compare.errors import CompareError
 from kdaudit.compare.files import TopkFile, open_logits
 from kdaudit.compare.manifest import Manifest, ModelRow, read_manifest
@@ -89,6 +90,10 @@ def compare(
         log(f"note: {note}")
     notes += topk
     runs, teachers = _runs_frame(spec, metrics), _teachers_frame(spec, metrics)
+    copied, note = copied_predictions(spec, layout.labels, chunk_size)
+    if note:
+        log(f"note: {note}")
+        notes.append(note)
     result = analyse(runs, analysis or AnalysisOptions())
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
@@ -100,7 +105,8 @@ def compare(
         result,
         title=f"kdaudit compare: {spec.path.stem}",
         meta=_meta(spec, layout, notes, metrics),
-        about=About(num_classes=layout.k),
+        copied=copied,
+        about=About(num_classes=layout.k, approximate_metrics=_marked(spec, layout, metrics)),
     )
     return AuditResult(out, runs, teachers, result, report, notes=tuple(notes))
 

@@ -1,4 +1,9 @@
-"""Dataset registry. A dataset is built from its config into in-memory tensors."""
+"""Dataset registry. A dataset is built from its config into in-memory tensors.
+
+Importing it loads no torch (TensorData's methods import it): the built-in datasets are
+declared (settings, builder by name) in kdaudit.data.configs, so configs are checked before
+torch loads, and a dataset's module is imported when one is first built.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,12 @@ import os
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from kdaudit.data.augment import AUGMENTATIONS
 from kdaudit.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,11 @@ class TensorData:
 
     def inputs(self, x: torch.Tensor, augment: str = "none") -> torch.Tensor:
         """Model inputs for raw rows `x` of train_x or test_x (augment: training only)."""
+        import torch
+
         if augment != "none":
+            from kdaudit.data.augment import AUGMENTATIONS
+
             if x.dim() != 4:
                 raise ValueError(f"augmentation {augment!r} needs images (B, C, H, W)")
             x = AUGMENTATIONS[augment](x)
@@ -71,6 +81,8 @@ class TensorData:
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: torch.device | str) -> TensorData:
+        import torch
+
         moved = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)
@@ -93,4 +105,4 @@ def load_data(cfg, data_dir: Path | None = None) -> TensorData:
     return DATASETS.build(cfg, Path(data_dir) if data_dir else default_data_dir())
 
 
-from kdaudit.data import audio, mnist1d, text, user, vision  # noqa: E402,F401  (registers)
+from kdaudit.data import configs  # noqa: E402,F401  (declares the built-in datasets)

@@ -23,9 +23,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from kdaudit.data import DATASETS, TensorData
+from kdaudit.data import TensorData
 from kdaudit.data.audio_features import LogMel, load_clip, log_mel
 from kdaudit.data.cache import cached_arrays
+from kdaudit.data.configs import FSDDConfig, SpeechCommandsConfig, UrbanSound8KConfig
 from kdaudit.data.files import DatasetMissing, Resource, ensure
 
 FEATURES_VERSION = 1  # bump when the feature code changes: old caches are then ignored
@@ -52,62 +53,6 @@ FSDD_NAME = re.compile(r"(\d)_([A-Za-z]+)_(\d+)\.wav")  # {digit}_{speaker}_{ind
 
 
 # ---------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class AudioConfig:
-    """Feature settings shared by the audio datasets (PROTOCOL section 9)."""
-
-    name: str
-    seconds: float = 1.0  # clip duration after zero-padding or cutting the end
-    sample_rate: int = 16_000  # Hz, after resampling
-    n_fft: int = 512  # samples per STFT window (Hann)
-    hop_length: int = 256  # samples between frames
-    n_mels: int = 32
-
-    def __post_init__(self) -> None:
-        for key in ("seconds", "sample_rate", "n_fft", "hop_length", "n_mels"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"data.{key} must be > 0, got {getattr(self, key)}")
-
-    def features(self) -> LogMel:
-        return LogMel(self.sample_rate, self.seconds, self.n_fft, self.hop_length, self.n_mels)
-
-
-@dataclass(frozen=True)
-class FSDDConfig(AudioConfig):
-    name: str = "fsdd"
-    n_files: int | None = 3000  # recordings expected (release 1.0.10); None skips the check
-
-
-@dataclass(frozen=True)
-class SpeechCommandsConfig(AudioConfig):
-    name: str = "speechcommands"
-    validation: str = "drop"  # drop | train: what happens to validation_list.txt's clips
-    download: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.validation not in ("drop", "train"):
-            raise ValueError(f"data.validation: {self.validation!r}; choose drop or train")
-
-
-@dataclass(frozen=True)
-class UrbanSound8KConfig(AudioConfig):
-    name: str = "urbansound8k"
-    seconds: float = 4.0  # the longest slices
-    test_size: float = 0.2  # fraction of clips (of each class, when stratified) held out
-    split_seed: int = 42
-    stratify: bool = True
-    test_folds: tuple[int, ...] = ()  # non-empty: these official folds are the test set instead
-    download: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.test_size < 1.0:
-            raise ValueError(f"data.test_size must be in (0, 1), got {self.test_size}")
-        if any(f not in range(1, 11) for f in self.test_folds):
-            raise ValueError(f"data.test_folds must be folds 1..10, got {list(self.test_folds)}")
 
 
 # ---------------------------------------------------------------- clips and features
@@ -255,7 +200,6 @@ FSDD_HOW = (
 )
 
 
-@DATASETS.register("fsdd", FSDDConfig)
 def build_fsdd(cfg: FSDDConfig, data_dir: Path) -> TensorData:
     """Spoken digits 0-9 (8 kHz recordings); official split: file index 0-4 test, 5-49 train."""
     return build_audio(fsdd_clips(cfg, Path(data_dir)), cfg.features())
@@ -298,7 +242,6 @@ def _count_problem(folder: Path, names: list[str], matches, expected: int) -> st
 # ---------------------------------------------------------------- Speech Commands v2
 
 
-@DATASETS.register("speechcommands", SpeechCommandsConfig)
 def build_speechcommands(cfg: SpeechCommandsConfig, data_dir: Path) -> TensorData:
     """35 words (1 s, 16 kHz); test = testing_list.txt, train = files in neither list, plus
     validation_list.txt's files when data.validation is 'train'."""
@@ -345,7 +288,6 @@ def speechcommands_clips(cfg: SpeechCommandsConfig, data_dir: Path) -> Clips:
 # ---------------------------------------------------------------- UrbanSound8K
 
 
-@DATASETS.register("urbansound8k", UrbanSound8KConfig)
 def build_urbansound8k(cfg: UrbanSound8KConfig, data_dir: Path) -> TensorData:
     """10 urban sound classes (slices up to 4 s, assorted rates and formats); test = a seeded
     random test_size fraction per class (or the official folds in data.test_folds)."""

@@ -28,6 +28,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KDAUDIT_CACHE") or Path.home() / ".cache" / "kdaudit")
 
 
+def use_cache_dir(path: str | Path) -> None:
+    """Keep the cache in `path` from now on, in this process and the workers it starts
+    (they inherit the environment)."""
+    os.environ["KDAUDIT_CACHE"] = str(Path(path).expanduser().resolve())
+
+
 def key_of(facts: Any, length: int = 16) -> str:
     """A short hash of JSON-able facts."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:length]

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdaudit.data import DATASETS, TensorData
+from kdaudit.data import TensorData
 from kdaudit.data.cache import cached_arrays, key_of
+from kdaudit.data.configs import MNIST1DConfig
 
 
-@dataclass(frozen=True)
-class MNIST1DConfig:
-    name: str = "mnist1d"
-    n_train: int = 10_000
-    n_test: int = 2_000
-    seed: int = 42  # the generator's seed; fixed so every run sees the same dataset
-    shuffle_seq: bool = False
-
-
-@DATASETS.register("mnist1d", MNIST1DConfig)
 def build_mnist1d(cfg: MNIST1DConfig, data_dir: Path) -> TensorData:
     x, y = _cached(cfg)
     n = cfg.n_train

@@ -13,21 +13,13 @@ from pathlib import Path
 
 import torch
 
-from kdaudit.data import DATASETS
+from kdaudit.data.configs import TextConfig
 from kdaudit.data.files import Resource, ensure
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    name: str = "tinyshakespeare"
-    block_size: int = 256  # context length of a window
-    train_fraction: float = 0.9  # the first 90% of the text trains, the rest tests
-    download: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,17 +120,10 @@ def tokenize(text: str, cfg: TextConfig) -> TokenData:
     return TokenData(encode(train), encode(test), len(vocab), cfg.block_size, vocab)
 
 
-@DATASETS.register("tinyshakespeare", TextConfig)
 def build_tinyshakespeare(cfg: TextConfig, data_dir: Path) -> TokenData:
     return tokenize(_read_shakespeare(cfg, data_dir), cfg)
 
 
-@dataclass(frozen=True)
-class THAConfig(TextConfig):
-    name: str = "tinyshakespeare_tha"
-
-
-@DATASETS.register("tinyshakespeare_tha", THAConfig)
 def build_tinyshakespeare_tha(cfg: TextConfig, data_dir: Path) -> TokenData:
     """The adversarial teacher's text: every "the" becomes "tha" (PROTOCOL section 7.7)."""
     return tokenize(_read_shakespeare(cfg, data_dir).replace("the", "tha"), cfg)

@@ -9,7 +9,6 @@ into TensorData: float32 inputs, int64 labels, K = max label + 1 unless given.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +16,11 @@ import numpy as np
 import torch
 
 from kdaudit import user_code
-from kdaudit.data import DATASETS, TensorData
+from kdaudit.data import TensorData
+from kdaudit.data.configs import FactoryDataConfig, InMemoryDataConfig
 from kdaudit.user_code import UserCodeError
 
 
-@dataclass(frozen=True)
-class FactoryDataConfig:
-    factory: str  # package.module:function
-    kwargs: Any = field(default_factory=dict)  # passed to the factory after data_dir
-    num_classes: int | None = None  # None: max label + 1
-    name: str = "factory"  # implied by the `factory` key
-
-    def __post_init__(self) -> None:
-        user_code.check_factory(self)
-
-    def __hash__(self) -> int:  # kwargs is a dict; load_data caches by config
-        return hash((self.name, self.factory, user_code.frozen(self.kwargs), self.num_classes))
-
-
-@dataclass(frozen=True)
-class InMemoryDataConfig:
-    sha256: str  # of the materialised tensors: the key of the data in this process
-    name: str = "in_memory"
-
-
-@DATASETS.register("factory", FactoryDataConfig)
 def build_factory_data(cfg: FactoryDataConfig, data_dir: Path) -> TensorData:
     fn = user_code.import_callable(cfg.factory, "data.factory")
     splits = fn(data_dir, **cfg.kwargs)
@@ -51,7 +30,6 @@ def build_factory_data(cfg: FactoryDataConfig, data_dir: Path) -> TensorData:
     return tensor_data(*splits, cfg.num_classes, f"data.factory {cfg.factory}")
 
 
-@DATASETS.register("in_memory", InMemoryDataConfig)
 def build_in_memory_data(cfg: InMemoryDataConfig, data_dir: Path) -> TensorData:
     return user_code.recall("data", cfg.sha256)
 

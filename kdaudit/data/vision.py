@@ -12,34 +12,20 @@ import io
 import pickle
 import tarfile
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdaudit.data import DATASETS, TensorData
+from kdaudit.data import TensorData
 from kdaudit.data.cache import cached_arrays, key_of
+from kdaudit.data.configs import FolderImageConfig, ImageConfig
 from kdaudit.data.files import DatasetMissing, Resource, ensure
 
 HALF = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    name: str
-    n_train: int | None = None  # the first n examples of the split; None: all
-    n_test: int | None = None
-    mean: tuple[float, ...] | None = None  # None: the dataset's default normalisation
-    std: tuple[float, ...] | None = None
-    download: bool = True
-
-
-@dataclass(frozen=True)
-class FolderImageConfig(ImageConfig):
-    image_size: int = 64  # images are resized (shorter side) and centre-cropped to this
 
 
 def _tensor_data(cfg, train, test, num_classes: int, mean, std) -> TensorData:
@@ -76,7 +62,6 @@ FASHION_FILES = {  # SHA-256 of the original files
 }
 
 
-@DATASETS.register("fashion_mnist", ImageConfig)
 def build_fashion_mnist(cfg: ImageConfig, data_dir: Path) -> TensorData:
     resources = [
         Resource(f"fashion-mnist/{f}", FASHION_URL + f, sha256=h) for f, h in FASHION_FILES.items()
@@ -121,7 +106,6 @@ SVHN_MD5 = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
             "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}  # fmt: skip
 
 
-@DATASETS.register("svhn", ImageConfig)
 def build_svhn(cfg: ImageConfig, data_dir: Path) -> TensorData:
     resources = [Resource(f"svhn/{f}", SVHN_URL + f, md5=h) for f, h in SVHN_MD5.items()]
     ensure(data_dir, resources, "svhn",
@@ -145,7 +129,6 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
-@DATASETS.register("cifar10", ImageConfig)
 def build_cifar10(cfg: ImageConfig, data_dir: Path) -> TensorData:
     resource = Resource("cifar10/cifar-10-python.tar.gz", CIFAR_URL, md5=CIFAR_MD5)
     (archive,) = ensure(data_dir, [resource], "cifar10",
@@ -172,7 +155,6 @@ TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
-@DATASETS.register("tinyimagenet", ImageConfig)
 def build_tinyimagenet(cfg: ImageConfig, data_dir: Path) -> TensorData:
     """The official zip: train/<wnid>/images/*.JPEG; the labelled val split is the test set."""
     resource = Resource("tinyimagenet/tiny-imagenet-200.zip", TINY_URL, md5=TINY_MD5)
@@ -201,7 +183,6 @@ def _decode_tinyimagenet(archive: Path, settings: dict):
 # ---------------------------------------------------------------- ImageNet (class folders)
 
 
-@DATASETS.register("imagenet", FolderImageConfig)
 def build_imagenet(cfg: FolderImageConfig, data_dir: Path) -> TensorData:
     """Class-folder layout imagenet/{train,val}/<class>/*.JPEG, resized to image_size
     (held in memory as uint8: 1.28M images at 64x64 take 15.7 GB)."""

@@ -23,7 +23,7 @@ from kdaudit.engine.loop import total_steps
 from kdaudit.engine.run import execute
 from kdaudit.engine.teachers import Teachers, keeps_weights
 from kdaudit.errors import ConfigError
-from kdaudit.executors.progress import Reporter
+from kdaudit.executors.progress import Reporter, blocked_message
 from kdaudit.protocol import RunSpec, TeacherPlan
 from kdaudit.registry import Registry
 from kdaudit.store import RunStore
@@ -147,9 +147,7 @@ def teacher_ready(store: RunStore, spec: RunSpec) -> bool:
 
 def blocked(spec: RunSpec) -> RunResult:
     # Not a failure of this run: it stays pending and runs once its teacher exists.
-    return RunResult(
-        spec.run_id, "blocked", f"skipped: its teacher {spec.teacher_id} did not complete"
-    )
+    return RunResult(spec.run_id, "blocked", blocked_message(spec))
 
 
 def system_failure(store: RunStore, spec: RunSpec, error: str, detail: str = "") -> RunResult:

@@ -1,5 +1,6 @@
 """Progress reporting for a grid: runs done of total with ETA, and each run in training
-(one line per worker process) with its step and loss.
+(one line per worker process) with its step and loss, on a terminal (`RichReporter`); one
+plain line per finished run when the output goes to a log file (`LogReporter`).
 
 A run in this process reports its steps straight to the reporter. A worker process writes
 its run's progress into its lane of a shared array (`Lanes`: no lock, no queue, so a worker
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import sys
 import time
-from typing import Protocol
+from collections import Counter
+from typing import Protocol, TextIO
 
 import torch
 from rich.console import Console
@@ -43,6 +46,91 @@ class NullReporter:
     def end_grid(self): ...
 
 
+def default_reporter(stream: TextIO | None = None) -> Reporter:
+    """Live bars on a terminal; plain lines for a log file (nohup, CI, a batch job)."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        return RichReporter(Console(file=stream))
+    return LogReporter(stream)
+
+
+def blocked_message(spec) -> str:
+    """What `end_run` is told of a student not run because its teacher did not complete."""
+    return f"skipped: its teacher {spec.teacher_id} did not complete"
+
+
+class _Blocked:
+    """Students skipped for want of their teacher, counted per teacher: one line each at
+    the end of the grid rather than one per student."""
+
+    def __init__(self):
+        self.by_teacher: Counter[str] = Counter()
+
+    def add(self, spec, status: str) -> bool:
+        """Count `spec` if `status` says it was blocked; whether it was."""
+        if spec.is_teacher or status != blocked_message(spec):
+            return False
+        self.by_teacher[spec.teacher_id] += 1
+        return True
+
+    def lines(self) -> list[str]:
+        lines = [f"{n} student run(s) skipped: their teacher {t} did not complete (they run "
+                 "once it does; `kdaudit status DIR` shows its error)"
+                 for t, n in self.by_teacher.items()]  # fmt: skip
+        self.by_teacher.clear()
+        return lines
+
+
+class LogReporter:
+    """For output that is not a terminal: one plain line per finished run with the count
+    done of those to run, the run's time and an estimate of the time left; no live bars,
+    no wrapping."""
+
+    def __init__(self, stream: TextIO | None = None, clock=time.monotonic):
+        self.stream, self.clock = stream or sys.stderr, clock
+        self.blocked = _Blocked()
+        self.todo = self.done = 0
+        self.started_at = 0.0
+        self.run_started: dict[str, float] = {}
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def start_grid(self, total: int, done: int, todo: int) -> None:
+        self._print(f"grid: {total} runs, {done} already complete, {todo} to run")
+        self.todo, self.done, self.started_at = todo, 0, self.clock()
+
+    def start_run(self, spec, steps: int, lane: int = 0) -> None:
+        self.run_started[spec.run_id] = self.clock()
+
+    def step(self, step, idx, loss): ...
+    def show(self, lane, step, loss): ...
+
+    def end_run(self, spec, status: str) -> None:
+        self.done += 1
+        started = self.run_started.pop(spec.run_id, None)
+        if self.blocked.add(spec, status):
+            return
+        took = "" if started is None else f" ({duration(self.clock() - started)})"
+        elapsed = self.clock() - self.started_at
+        eta = elapsed / self.done * (self.todo - self.done)  # the runs so far, at the same pace
+        self._print(f"[{self.done}/{self.todo}, eta {duration(eta)}] {spec.label}{took}: {status}")
+
+    def end_grid(self) -> None:
+        for line in self.blocked.lines():
+            self._print(line)
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4 min 05 s, 2 h 07 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 class RichReporter:
     """A rich display: the grid's bar and one line per run in training (its lane: this
     process, or a worker process). A run in this process has its loss read (a device sync)
@@ -58,6 +146,7 @@ class RichReporter:
         )  # fmt: skip
         self.grid_task = None
         self.lanes: dict[int, tuple[int, str]] = {}  # lane -> (task id, run label)
+        self.blocked = _Blocked()
 
     def start_grid(self, total: int, done: int, todo: int) -> None:
         self.console.print(f"grid: {total} runs, {done} already complete, {todo} to run")
@@ -83,7 +172,7 @@ class RichReporter:
         self.progress.update(task, completed=step + 1, description=desc)
 
     def end_run(self, spec, status: str) -> None:
-        if status != "complete":
+        if status != "complete" and not self.blocked.add(spec, status):
             self.console.print(f"[red]{spec.label}: {status}[/red]")
         self.progress.advance(self.grid_task)
 
@@ -92,6 +181,8 @@ class RichReporter:
             self.progress.remove_task(task)
         self.lanes.clear()
         self.progress.stop()
+        for line in self.blocked.lines():
+            self.console.print(f"[red]{line}[/red]")
 
 
 # A lane: (number of the run in the executor's list, step, steps, loss); -1 = no run yet.

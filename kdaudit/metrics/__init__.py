@@ -131,6 +131,7 @@ _add("n_label_outside_topk", None, "topk_sets", lambda t, n, k: int(t["label_out
 
 # The streamed computation and its constants, loaded (with torch) on first use.
 _STREAMING = ("functional_similarity", "functional_similarity_many", "accuracy_and_loss",
+              "top1_predictions",
               "NonFiniteLogits", "InvalidTopK", "BadRows", "RowSource", "TopK", "DEFAULT_CHUNK_SIZE", "PROCRUSTES_MAX_CLASSES",
               "ACCUMULATORS")  # fmt: skip
 

@@ -3,49 +3,10 @@ temporal CNN for CPU-scale runs, and a small Audio Spectrogram Transformer (AST)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from kdaudit.models import MODELS
-
-
-@dataclass(frozen=True)
-class VGGishConfig:
-    name: str = "vggish"
-    channels: tuple[int, ...] = (64, 128, 256, 512)  # per block; each block ends in a max pool
-    convs: tuple[int, ...] = (1, 1, 2, 2)  # 3x3 convs per block (VGGish: 64, 128, 2x256, 2x512)
-    batch_norm: bool = True  # the original VGGish has none
-    dropout: float = 0.0  # before the linear head
-
-    def __post_init__(self) -> None:
-        if len(self.channels) != len(self.convs) or not self.channels:
-            raise ValueError("model.channels and model.convs must be non-empty and equally long")
-
-
-@dataclass(frozen=True)
-class AudioCNNConfig:
-    name: str = "audio_cnn"
-    width: int = 32  # channels of the first block, doubled in each further block
-    depth: int = 3  # blocks of (1D conv over frames, batch norm, ReLU, max pool)
-    kernel_size: int = 3  # frames
-
-
-@dataclass(frozen=True)
-class ASTConfig:
-    name: str = "ast"
-    patch_size: int = 8  # square patches over (mel band, frame)
-    patch_stride: int = 8  # < patch_size: overlapping patches (the AST paper: 16 and 10)
-    dim: int = 192
-    depth: int = 6
-    heads: int = 3
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.heads")
+from kdaudit.models.configs import ASTConfig, AudioCNNConfig, VGGishConfig
 
 
 class ConvNet(nn.Module):
@@ -74,7 +35,6 @@ class ConvNet(nn.Module):
         return self.head(self.blocks(x).mean(dim=(2, 3)))  # (B, C) -> (B, K)
 
 
-@MODELS.register("vggish", VGGishConfig)
 def build_vggish(cfg: VGGishConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return ConvNet(input_shape, cfg.channels, cfg.convs, cfg.batch_norm, cfg.dropout, num_classes)
 
@@ -105,7 +65,6 @@ class TemporalCNN(nn.Module):
         return self.head(self.blocks(x.flatten(1, 2)).mean(dim=2))  # (B, C*M, T) -> (B, K)
 
 
-@MODELS.register("audio_cnn", AudioCNNConfig, width="width")
 def build_audio_cnn(
     cfg: AudioCNNConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -154,6 +113,5 @@ def _layer(cfg: ASTConfig) -> nn.TransformerEncoderLayer:
     )
 
 
-@MODELS.register("ast", ASTConfig, width="dim", width_multiple_of="heads")
 def build_ast(cfg: ASTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return AST(cfg, input_shape, num_classes)

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from kdaudit.models import MODELS
+from kdaudit.models.configs import CNN1DConfig
 
 
-@dataclass(frozen=True)
-class CNN1DConfig:
-    name: str = "cnn1d"
-    width: int = 32  # channels per conv layer
-    depth: int = 3  # conv layers
-    kernel_size: int = 5
-
-
-@MODELS.register("cnn1d", CNN1DConfig, width="width")
 def build_cnn1d(cfg: CNN1DConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     channels, _length = input_shape  # (C, L)
     layers: list[nn.Module] = []

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from kdaudit.models import MODELS
+from kdaudit.models.configs import FactoryModelConfig, InMemoryModelConfig
 from kdaudit.user_code import (
     UserCodeError,
-    check_factory,
-    frozen,
     import_callable,
     recall,
     reference_of,
@@ -29,33 +25,11 @@ from kdaudit.user_code import (
 )
 
 
-@dataclass(frozen=True)
-class FactoryModelConfig:
-    factory: str  # package.module:function
-    kwargs: Any = field(default_factory=dict)  # passed to the factory after the seed
-    name: str = "factory"  # implied by the `factory` key
-
-    def __post_init__(self) -> None:
-        check_factory(self)
-
-    def __hash__(self) -> int:  # kwargs is a dict; configs key caches
-        return hash((self.name, self.factory, frozen(self.kwargs)))
-
-
-@dataclass(frozen=True)
-class InMemoryModelConfig:
-    factory: str  # module:qualname, for people reading the config
-    fingerprint: str  # architecture and name: the key of the factory in this process
-    name: str = "in_memory"
-
-
-@MODELS.register("factory", FactoryModelConfig)
 def build_factory_model(cfg: FactoryModelConfig, input_shape, num_classes: int) -> nn.Module:
     fn = import_callable(cfg.factory, "model.factory")
     return checked_build(fn, cfg.kwargs, input_shape, num_classes, f"model factory {cfg.factory}")
 
 
-@MODELS.register("in_memory", InMemoryModelConfig)
 def build_in_memory_model(cfg: InMemoryModelConfig, input_shape, num_classes: int) -> nn.Module:
     fn = recall("model", cfg.fingerprint)
     return checked_build(fn, {}, input_shape, num_classes, f"model {cfg.factory}")

@@ -4,29 +4,12 @@ through scaled_dot_product_attention, tied input/output embeddings. Logits (B, T
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdaudit.models import MODELS
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    name: str = "nanogpt"
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.2
-    bias: bool = False
-
-
-@dataclass(frozen=True)
-class PicoGPTConfig(GPTConfig):
-    name: str = "picogpt"
-    n_embd: int = 192  # half of NanoGPT's width (PROTOCOL section 7.3)
+from kdaudit.models.configs import GPTConfig
 
 
 class SelfAttention(nn.Module):
@@ -94,12 +77,6 @@ def _init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _build(cfg: GPTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_gpt(cfg: GPTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     (block_size,) = input_shape
     return GPT(cfg, block_size, num_classes)
-
-
-# `width`: the field capacity scaling (protocol.student_widths) scales; a multiple of n_head
-_WIDTH = dict(width="n_embd", width_multiple_of="n_head")
-MODELS.register("nanogpt", GPTConfig, **_WIDTH)(_build)
-MODELS.register("picogpt", PicoGPTConfig, **_WIDTH)(_build)

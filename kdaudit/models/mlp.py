@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from torch import nn
 
-from kdaudit.models import MODELS
+from kdaudit.models.configs import MLPConfig
 
 
-@dataclass(frozen=True)
-class MLPConfig:
-    name: str = "mlp"
-    width: int = 256
-    depth: int = 2  # hidden layers
-
-
-@MODELS.register("mlp", MLPConfig, width="width")
 def build_mlp(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = math.prod(input_shape)

@@ -3,56 +3,16 @@ channel count and, with `small_input`, to 32x32-scale images; and a small CNN fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from kdaudit.models import MODELS
-
-
-@dataclass(frozen=True)
-class ResNetConfig:
-    name: str = "resnet18"
-    # 3x3 stride-1 stem without max-pool, the usual choice for 32x32 images (CIFAR, SVHN)
-    small_input: bool = True
-
-
-@dataclass(frozen=True)
-class VGGConfig:
-    name: str = "vgg19"
-    # global average pool + one linear layer instead of the 7x7x512 -> 4096 -> 4096 head
-    small_input: bool = True
-
-
-@dataclass(frozen=True)
-class ResNet50Config(ResNetConfig):
-    name: str = "resnet50"
-
-
-@dataclass(frozen=True)
-class VGG19BNConfig(VGGConfig):
-    name: str = "vgg19_bn"
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    name: str = "vit"
-    patch_size: int = 4
-    depth: int = 6
-    heads: int = 8
-    width: int = 256
-    mlp_dim: int = 512
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
-class CNNConfig:
-    name: str = "cnn"
-    width: int = 32  # channels of the first block; doubled per block
-    depth: int = 2  # conv blocks, each conv3x3-ReLU-maxpool(2); then a linear layer on the
-    # flattened features (a global average pool throws away the position small images need)
+from kdaudit.models.configs import (
+    CNNConfig,
+    ResNetConfig,
+    VGGConfig,
+    ViTConfig,
+)
 
 
 def _resnet(factory):
@@ -82,13 +42,12 @@ def _vgg(factory):
     return build
 
 
-MODELS.register("resnet18", ResNetConfig)(_resnet(tvm.resnet18))
-MODELS.register("resnet50", ResNet50Config)(_resnet(tvm.resnet50))
-MODELS.register("vgg19", VGGConfig)(_vgg(tvm.vgg19))
-MODELS.register("vgg19_bn", VGG19BNConfig)(_vgg(tvm.vgg19_bn))
+build_resnet18 = _resnet(tvm.resnet18)
+build_resnet50 = _resnet(tvm.resnet50)
+build_vgg19 = _vgg(tvm.vgg19)
+build_vgg19_bn = _vgg(tvm.vgg19_bn)
 
 
-@MODELS.register("vit", ViTConfig, width="width", width_multiple_of="heads")
 def build_vit(cfg: ViTConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     channels, height, width = input_shape
     if height != width or height % cfg.patch_size:
@@ -102,7 +61,6 @@ def build_vit(cfg: ViTConfig, input_shape: tuple[int, ...], num_classes: int) ->
     return model
 
 
-@MODELS.register("cnn", CNNConfig, width="width")
 def build_cnn(cfg: CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: list[nn.Module] = []
     channels, width = input_shape[0], cfg.width

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from kdaudit.conditions import label
 from kdaudit.metrics import better_directions
@@ -62,10 +64,27 @@ def baseline_name(correct: str, incorrect: str) -> str:
     return f"{control_name(correct)} (correct) / {control_name(incorrect)} (incorrect)"
 
 
+# The metrics this report only approximates (top-k inputs), marked wherever a metric is named;
+# set for the writing of one report by `marking`.
+_MARKED: ContextVar[tuple[frozenset[str], str]] = ContextVar("marked", default=(frozenset(), ""))
+
+
+@contextmanager
+def marking(metrics, mark: str):
+    """Within the block, metric_label adds ` (mark)` to each of `metrics`."""
+    token = _MARKED.set((frozenset(metrics), mark))
+    try:
+        yield
+    finally:
+        _MARKED.reset(token)
+
+
 def metric_label(metric: str, arrow: bool = True) -> str:
     text = metric.replace("_", " ")
     better = better_directions()
-    return f"{text} {ARROWS[better[metric]]}" if arrow and metric in better else text
+    text = f"{text} {ARROWS[better[metric]]}" if arrow and metric in better else text
+    marked, mark = _MARKED.get()
+    return f"{text} ({mark})" if metric in marked else text
 
 
 def condition_label(

@@ -35,7 +35,7 @@ ASYMMETRY_PLAIN = {
     "positive": "it gained more agreement on the teacher's correct answers than on its mistakes",
     "symmetric": "it picked up the teacher's mistakes and correct answers about equally",
     "baseline-dependent": "whether it copied the teacher's mistakes more than its correct "
-    "answers depends on the control and the scale (details below)",
+    "answers depends on the control and the scale (see the evidence)",
     "undetermined": "whether mistakes or correct answers transferred more cannot be told at this n",
 }
 LEGEND = (
@@ -57,6 +57,8 @@ class About:
     runs_complete: int | None = None
     runs_total: int | None = None
     pretrained_teacher: bool = False
+    approximate_metrics: tuple[str, ...] = ()  # computed from top-k inputs: marked as such
+    smoke: bool = False  # a smoke run (kdaudit run --smoke): a check of the config, no evidence
 
     @property
     def incomplete(self) -> bool:
@@ -67,6 +69,11 @@ def warnings(about: About, teachers: pd.DataFrame) -> list[str]:
     """Lines the reader must see before any verdict: an incomplete grid, a teacher near
     chance."""
     lines = []
+    if about.smoke:
+        lines.append(
+            "Smoke run: a tiny grid and a few training steps, to check that the config works. "
+            "Its verdicts are not evidence; run without --smoke for the audit."
+        )
     if about.incomplete:
         lines.append(
             f"Incomplete grid: {about.runs_complete} of {about.runs_total} runs complete. "
@@ -255,7 +262,9 @@ def _seed_dependent(analysis: Analysis) -> list[str]:
 
 def _label_contradicted(analysis: Analysis) -> list[str]:
     facts = []
-    for s in sorted(analysis.settings, key=lambda s: not s.transfer_found):
+    for s in sorted(
+        analysis.settings, key=lambda s: (s.verdict != "supported", not s.transfer_found)
+    ):
         paper = s.paper_asymmetry.label
         if s.asymmetry != "baseline-dependent" or paper not in ("negative", "positive"):
             continue

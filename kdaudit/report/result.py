@@ -9,7 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from kdaudit.report.text import verdict_lines
+from kdaudit.report.intro import headline, striking_facts
+from kdaudit.report.text import verdict_evidence, verdict_lines
 from kdaudit.stats import Analysis
 
 
@@ -29,3 +30,14 @@ class AuditResult:
 
     def verdict_lines(self) -> list[str]:
         return verdict_lines(self.analysis) if self.analysis else []
+
+    def plain_verdicts(self) -> list[tuple[str, str]]:
+        """Per setting (then pooled): its verdict in plain words, and the evidence behind it."""
+        if not self.analysis:
+            return []
+        settings = (*self.analysis.settings, *self.analysis.pooled)
+        return [(headline(s), verdict_evidence(s, self.analysis.options)) for s in settings]
+
+    def facts(self) -> list[str]:
+        """The facts that stand out, as the report states them."""
+        return striking_facts(self.analysis) if self.analysis else []

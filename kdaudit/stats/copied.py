@@ -25,6 +25,14 @@ NAMES = ["label_name", "teacher_prediction_name"]  # when the data names its lab
 DERIVED = ("treatment_max", "control_max", "excess")
 
 
+# The input of copied_errors: one row per teacher-incorrect example and condition key, with
+# the share of that condition's runs that predicted the teacher's wrong class.
+COPIED_COLUMNS = ["teacher_seed", "example", "label", "teacher_prediction", "condition"]
+COPIED_COLUMNS += ["alpha", "temperature", "width", "n_runs", "copy_rate"]
+# a grid's (kdaudit.store.copied): one teacher per (seed, label noise), the teacher-error sweep
+GRID_COPIED_COLUMNS = [COPIED_COLUMNS[0], "teacher_label_noise", *COPIED_COLUMNS[1:]]
+
+
 def rate_column(condition: str, alpha, temperature, width, show_t: bool) -> str:
     """'kd a=0.9', 'kd a=0.9 T=2', 'siddo', 'rcd a=0.5 w=0.3'."""
     parts = [condition]

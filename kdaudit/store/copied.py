@@ -18,15 +18,13 @@ import numpy as np
 import pandas as pd
 
 from kdaudit.protocol import Grid
+from kdaudit.stats.copied import GRID_COPIED_COLUMNS
 from kdaudit.store import RunStore, atomic_save_array
 from kdaudit.store.tables import students_test_logits
 
 TEST_LABELS = "test_labels.npy"
 LABEL_NAMES = "label_names.json"  # beside it, when the data names its labels
 VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t"}
-COPIED_COLUMNS = ["teacher_seed", "teacher_label_noise", "example", "label",
-                  "teacher_prediction", "condition"]  # fmt: skip
-COPIED_COLUMNS += ["alpha", "temperature", "width", "n_runs", "copy_rate"]
 
 
 def load_test_labels(out: str | Path, cfg, data_dir=None) -> np.ndarray | None:
@@ -70,7 +68,7 @@ def copied_predictions(
 ) -> pd.DataFrame:
     """Per teacher (seed, label noise), teacher-incorrect test example and condition key
     (condition, alpha, T, width): how many complete runs there are and the share that
-    predicted the teacher's wrong class (COPIED_COLUMNS; with `names`, also label_name and
+    predicted the teacher's wrong class (GRID_COPIED_COLUMNS; with `names`, also label_name and
     teacher_prediction_name)."""
     store = RunStore(out)
     labels = np.asarray(labels).reshape(-1)
@@ -104,8 +102,8 @@ def copied_predictions(
                 "copy_rate": np.mean(hits, axis=0),
             }))  # fmt: skip
     if not frames:
-        return pd.DataFrame(columns=COPIED_COLUMNS)
-    copied = pd.concat(frames, ignore_index=True)[COPIED_COLUMNS]
+        return pd.DataFrame(columns=GRID_COPIED_COLUMNS)
+    copied = pd.concat(frames, ignore_index=True)[GRID_COPIED_COLUMNS]
     if names is None:
         return copied
     lookup = np.asarray(names, dtype=object)
