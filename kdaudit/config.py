@@ -102,6 +102,10 @@ class ProtocolConfig:
     # where its names differ (empty: the same names).
     feature_modules: tuple[str, ...] = ()
     teacher_feature_modules: tuple[str, ...] = ()
+    # Teacher-error sweep: fractions of the teachers' training labels replaced at random, one
+    # teacher per rate and teacher seed, each with its own paired students (who always see
+    # clean labels). 0.0 is the clean teacher (kdaudit.engine.teachers.noisy_labels).
+    teacher_label_noise: tuple[float, ...] = (0.0,)
 
     def __post_init__(self) -> None:
         from kdaudit.conditions import loss_condition, parse_entry
@@ -136,6 +140,7 @@ class ProtocolConfig:
                 raise ConfigError(f"protocol.student_widths: {w} is outside (0, 1]")
         if len(set(self.student_widths)) != len(self.student_widths):
             raise ConfigError("protocol.student_widths: a width is listed twice")
+        self._check_label_noise()
         overlap = set(self.teacher_seeds) & set(self.student_seeds)
         if overlap:
             raise ConfigError(
@@ -147,6 +152,29 @@ class ProtocolConfig:
                 "protocol.teacher_seeds: a pretrained teacher (protocol.teacher_checkpoint) is "
                 f"one teacher; give one seed, e.g. teacher_seeds: [0] (got {list(self.teacher_seeds)})"
             )
+
+    def _check_label_noise(self) -> None:
+        rates = list(self.teacher_label_noise)
+        if not rates:
+            raise ConfigError("protocol.teacher_label_noise: empty; give at least one rate, "
+                              "e.g. teacher_label_noise: [0.0] (the clean teacher)")  # fmt: skip
+        for rate in rates:
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"protocol.teacher_label_noise: {rate} is outside [0, 1); "
+                                  "give fractions of the labels, e.g. [0.0, 0.1, 0.2]")  # fmt: skip
+        if len(set(rates)) != len(rates):
+            raise ConfigError(f"protocol.teacher_label_noise: a rate is listed twice: {rates}; "
+                              "each rate is one teacher")  # fmt: skip
+        if self.teacher_checkpoint is not None and any(rates):
+            raise ConfigError("protocol.teacher_label_noise: a pretrained teacher "
+                              "(protocol.teacher_checkpoint) is loaded, not trained; leave the "
+                              "noise at [0.0]")  # fmt: skip
+
+    @property
+    def noise_rates(self) -> tuple[float | None, ...]:
+        """Each rate as a RunSpec's label_noise: None for the clean teacher (0.0), so its run
+        ids are those of a grid without the sweep."""
+        return tuple(rate or None for rate in self.teacher_label_noise)
 
     @property
     def condition_names(self) -> tuple[str, ...]:

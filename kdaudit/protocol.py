@@ -66,6 +66,10 @@ class RunSpec:
     # your own KD loss ('package.module:function'): a worker process that never read the
     # config builds the condition from it (kdaudit.conditions.loss_condition)
     loss: str | None = None
+    # teacher-error sweep (protocol.teacher_label_noise): a teacher trains on labels with this
+    # fraction replaced at random; its students (clean labels) carry it to name their setting.
+    # None for the clean teacher, so run ids without the sweep do not change.
+    label_noise: float | None = None
 
     @property
     def is_teacher(self) -> bool:
@@ -80,6 +84,8 @@ class RunSpec:
             parts.append(f"T{self.temperature:g}")
         if self.width is not None:
             parts.append(f"w{self.width:g}")
+        if self.label_noise is not None:
+            parts.append(f"noise{self.label_noise:g}")
         parts.append(f"t{self.teacher_seed}")
         if self.student_seed is not None:
             parts.append(f"s{self.student_seed}")
@@ -122,17 +128,23 @@ class Grid:
 
 
 def expand(cfg: ExperimentConfig) -> Grid:
-    """The full grid: every teacher seed x student seed x width x condition x (alpha, T)."""
-    teachers, students = [], []
-    for t_seed in cfg.protocol.teacher_seeds:
-        teacher = _teacher(cfg, t_seed)
-        teachers.append(teacher)
-        for s_seed in cfg.protocol.student_seeds:
-            for width in cfg.protocol.student_widths or (None,):
-                for name in cfg.protocol.condition_names:
-                    for alpha, temp in _settings(cfg, name):
-                        students.append(_student(cfg, teacher, s_seed, name, alpha, temp, width))
+    """The full grid: every teacher seed x teacher label noise x student seed x width x
+    condition x (alpha, T)."""
+    teachers = [_teacher(cfg, t_seed, noise) for t_seed in cfg.protocol.teacher_seeds
+                for noise in cfg.protocol.noise_rates]  # fmt: skip
+    students = [student for teacher in teachers for student in _students(cfg, teacher)]
     return Grid(tuple(teachers), tuple(students), teacher_plan(cfg))
+
+
+def _students(cfg: ExperimentConfig, teacher: RunSpec) -> list[RunSpec]:
+    """One teacher's students: every student seed x width x condition x (alpha, T)."""
+    return [
+        _student(cfg, teacher, s_seed, name, alpha, temp, width)
+        for s_seed in cfg.protocol.student_seeds
+        for width in cfg.protocol.student_widths or (None,)
+        for name in cfg.protocol.condition_names
+        for alpha, temp in _settings(cfg, name)
+    ]
 
 
 def teacher_plan(cfg: ExperimentConfig) -> TeacherPlan:
@@ -140,7 +152,7 @@ def teacher_plan(cfg: ExperimentConfig) -> TeacherPlan:
     return TeacherPlan(save_weights=cfg.store.save_weights, features=features)
 
 
-def _teacher(cfg: ExperimentConfig, seed: int) -> RunSpec:
+def _teacher(cfg: ExperimentConfig, seed: int, noise: float | None = None) -> RunSpec:
     # protocol.teacher_data: a teacher trained on other data than its students (the planted
     # error of PROTOCOL 7.7); the students' data stays cfg.data
     data, students_data = cfg.data, None
@@ -148,7 +160,7 @@ def _teacher(cfg: ExperimentConfig, seed: int) -> RunSpec:
         data, students_data = cfg.protocol.teacher_data, cfg.data
     train = cfg.protocol.teacher_train or cfg.train  # protocol.teacher_train: another regime
     return RunSpec("teacher", seed, None, None, None, seed, seed, data, cfg.model, train,
-                   students_data=students_data, **_checkpoint(cfg))  # fmt: skip
+                   students_data=students_data, label_noise=noise, **_checkpoint(cfg))  # fmt: skip
 
 
 def _checkpoint(cfg: ExperimentConfig) -> dict:
@@ -175,7 +187,7 @@ def _student(cfg, teacher: RunSpec, seed: int, name: str, alpha, temp, width=Non
     return RunSpec(
         name, teacher.teacher_seed, seed, alpha, temp, init_seed, data_seed,
         cfg.data, model, cfg.train, teacher.run_id, width=width, feature_modules=features,
-        loss=cfg.protocol.loss_of(name),
+        loss=cfg.protocol.loss_of(name), label_noise=teacher.label_noise,
     )  # fmt: skip
 
 
@@ -223,14 +235,17 @@ SMOKE_SUFFIX = "-smoke"  # the name of a smoke run's config: its report says so
 def smoke(cfg: ExperimentConfig, max_steps: int = 40) -> ExperimentConfig:
     """A config's grid and training shrunk to check, in about a minute, that it works:
     one teacher seed, two student seeds, every condition, the smallest and largest student
-    width of a capacity grid, at most `max_steps` steps."""
+    width of a capacity grid and teacher label-noise rate of a teacher-error sweep, at most
+    `max_steps` steps."""
     widths = cfg.protocol.student_widths
+    noise = cfg.protocol.teacher_label_noise
     teacher_train = cfg.protocol.teacher_train
     protocol = replace(
         cfg.protocol,
         teacher_seeds=cfg.protocol.teacher_seeds[:1],
         student_seeds=cfg.protocol.student_seeds[:2],
         student_widths=tuple(sorted({min(widths), max(widths)})) if widths else (),
+        teacher_label_noise=tuple(sorted({min(noise), max(noise)})),
         teacher_train=None if teacher_train is None else _capped(teacher_train, max_steps),
     )
     train = _capped(cfg.train, max_steps)

@@ -451,6 +451,7 @@ def test_frames_have_the_documented_columns():
         "alpha",
         "temperature",
         "width",  # NaN: a table without a width axis
+        "teacher_label_noise",  # 0.0: a table without the teacher-error sweep
         "n",
         "verdict",
         "n_significant",
@@ -491,6 +492,7 @@ def test_summarise_mean_sem_n():
         "alpha",
         "temperature",
         "width",
+        "teacher_label_noise",
         "metric",
         "mean",
         "sem",

@@ -13,7 +13,13 @@ from kdaudit.conditions.features import find_modules
 from kdaudit.conditions.objectives import build_objective, check_user_loss
 from kdaudit.engine.evaluate import evaluate, predict
 from kdaudit.engine.loop import StepHook, TrainResult, train
-from kdaudit.engine.teachers import Teachers, load_teacher, teacher_arrays
+from kdaudit.engine.teachers import (
+    Teachers,
+    label_noise_record,
+    load_teacher,
+    teacher_arrays,
+    with_teacher_labels,
+)
 from kdaudit.metrics.streaming import accuracy_and_loss, functional_similarity
 from kdaudit.models import build_model
 from kdaudit.protocol import RunSpec
@@ -77,7 +83,7 @@ def build_run(spec: RunSpec, data, teachers: Teachers):
     model = model.to(data.device)
     objective = build_objective(spec.condition, spec.alpha, spec.temperature, data.num_classes,
                                 teachers.targets(spec, data), model)  # fmt: skip
-    return model, objective
+    return model, with_teacher_labels(spec, data, objective)
 
 
 def finish_run(
@@ -107,6 +113,8 @@ def finish_run(
         "train_seconds": result.seconds,
         "engine": result.engine,  # stacking and device speed-ups used
     }
+    if spec.is_teacher and spec.label_noise is not None:
+        record["label_noise"] = label_noise_record(spec, data, arrays.get("train_logits"))
     if spec.checkpoint is not None:  # loaded, not trained: 0 steps
         record["pretrained"] = {"checkpoint": spec.checkpoint, "sha256": spec.checkpoint_sha256}
     if not spec.is_teacher:

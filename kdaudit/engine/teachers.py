@@ -10,20 +10,31 @@ text windows, feature-map conditions, other data) or the config asks for them.
 A student's KD target (`Teachers.targets`) is then the cached logits per index, or a
 forward pass of the teacher on the student's batch (one per batch, shared by a stack), or
 for feature-map conditions the teacher model itself (a FeatureSetup).
+
+A teacher of the teacher-error sweep (protocol.teacher_label_noise; its spec's label_noise)
+trains on noisy labels (`noisy_labels`): round(rate * N) training labels, chosen at random,
+each replaced by a class drawn uniformly from the other K - 1, so every chosen label changes
+and the realised error rate of its labels is round(rate * N) / N. The draw is a pure function
+of (teacher seed, rate) (`noise_seed`): the same labels in every run of the grid, other
+labels at another rate or seed. Only the teacher's objective sees them; the data, and with it
+every student, keeps the clean labels. Its record keeps the realised fraction and its train
+accuracy and loss on its noisy labels (`label_noise_record`); its metrics are on clean labels.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from kdaudit.conditions import condition
 from kdaudit.conditions.features import PROBE, FeatureSetup
-from kdaudit.conditions.objectives import Batch, TeacherTargets
+from kdaudit.conditions.objectives import Batch, Objective, TeacherTargets
 from kdaudit.engine.evaluate import predict
+from kdaudit.metrics.streaming import accuracy_and_loss
 from kdaudit.models import build_model
 from kdaudit.models.checkpoint import load_into, read_state_dict
 from kdaudit.protocol import RunSpec, TeacherPlan
@@ -66,6 +77,55 @@ def teacher_arrays(spec: RunSpec, model, data, students_data) -> dict[str, np.nd
         on_students = predict(model, students_data, "test", spec.train.eval_batch_size)
         arrays[STUDENTS_TEST] = on_students.numpy()
     return arrays
+
+
+def noise_seed(teacher_seed: int, rate: float) -> int:
+    """The seed of one (teacher seed, rate)'s noisy labels: fixed, and distinct per pair."""
+    digest = hashlib.sha256(f"label_noise:{teacher_seed}:{rate!r}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def noisy_labels(labels: torch.Tensor, num_classes: int, rate: float, seed: int) -> torch.Tensor:
+    """`labels` (N,) with round(rate * N) of them, at random, moved to another class drawn
+    uniformly from the other K - 1 (a CPU generator: the same on every device)."""
+    gen = torch.Generator().manual_seed(seed)
+    cpu = labels.cpu()
+    changed = torch.randperm(len(cpu), generator=gen)[: round(rate * len(cpu))]
+    shift = torch.randint(1, num_classes, (len(changed),), generator=gen)  # never 0: a change
+    noisy = cpu.clone()
+    noisy[changed] = (cpu[changed] + shift) % num_classes
+    return noisy.to(labels.device)
+
+
+def teacher_labels(spec: RunSpec, data) -> torch.Tensor:
+    """A noisy teacher's training labels (N,), on the data's device."""
+    if not data.cacheable:
+        raise ValueError(f"{spec.run_id}: protocol.teacher_label_noise replaces one label per "
+                         "example; this dataset's labels are sequences: use [0.0]")  # fmt: skip
+    seed = noise_seed(spec.teacher_seed, spec.label_noise)
+    return noisy_labels(data.labels("train"), data.num_classes, spec.label_noise, seed)
+
+
+def with_teacher_labels(spec: RunSpec, data, objective: Objective) -> Objective:
+    """A noisy teacher's objective on its noisy labels; any other run's unchanged."""
+    if not spec.is_teacher or spec.label_noise is None:
+        return objective
+    labels = teacher_labels(spec, data)
+    return lambda logits, batch: objective(logits, replace(batch, y=labels[batch.idx]))
+
+
+def label_noise_record(spec: RunSpec, data, train_logits: np.ndarray | None) -> dict:
+    """What a noisy teacher's record keeps: the rate asked for, the seed, the labels changed,
+    and its train accuracy and loss on the noisy labels it trained on (when it has train
+    logits: every dataset with one label per example)."""
+    clean, noisy = data.labels("train").cpu(), teacher_labels(spec, data).cpu()
+    changed = int((clean != noisy).sum())
+    record = {"rate": spec.label_noise, "seed": noise_seed(spec.teacher_seed, spec.label_noise),
+              "changed": changed, "n": len(clean), "fraction": changed / len(clean)}  # fmt: skip
+    if train_logits is not None:
+        accuracy, loss = accuracy_and_loss(train_logits, noisy)
+        record.update(noisy_train_accuracy=accuracy, noisy_train_loss=loss)
+    return record
 
 
 def cached_targets(train_logits: torch.Tensor) -> TeacherTargets:

@@ -57,6 +57,7 @@ def _tick(s: SettingResult, show_t: bool, show_condition: bool = False) -> str:
     label += f"α={s.alpha:g}"
     label += f"\nT={s.temperature:g}" if show_t and not fmt.is_missing(s.temperature) else ""
     label += "" if fmt.is_missing(s.width) else f"\nw={s.width:g}"
+    label += "".join(f"\n{part}" for part in fmt.noise_parts(s.teacher_label_noise))
     a = s.paper_asymmetry
     baseline = a.baseline_correct
     if a.baseline_incorrect != a.baseline_correct:
@@ -178,3 +179,53 @@ def _curves(ax, rows, axis: str) -> None:
     ax.set_xticks(sorted(rows[axis].unique()))
     ax.axhline(0.0, color="0.3", linewidth=0.8)
     ax.grid(alpha=0.3)
+
+
+NOISE_PANELS = (
+    ("transfer", "transfer: agreement(KD) − agreement(SIDDO)"),
+    ("raw", "Δcorrect / Δincorrect vs SIDDO (raw)"),
+    ("headroom", "Δcorrect / Δincorrect vs SIDDO (headroom)"),
+)
+
+
+def teacher_noise(frame) -> bytes:
+    """The teacher-error sweep (report.tables.teacher_noise_frame's rows, pooled over teacher
+    seeds when there are several): against the teacher's label-noise rate, the transfer with
+    its 95% interval, and Δcorrect (solid) and Δincorrect (dashed) against SIDDO on both
+    scales with their 95% intervals; one colour per setting (alpha)."""
+    from kdaudit.stats import POOLED
+
+    pooled = frame["teacher_seed"] == POOLED
+    rows = frame[pooled] if pooled.any() else frame
+    fig = Figure(figsize=(12.0, 3.8), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(NOISE_PANELS), squeeze=False)[0]
+    groups = list(rows.groupby(["alpha", "temperature", "width"], dropna=False, sort=True))
+    show_t = rows["temperature"].nunique() > 1
+    for i, ((alpha, temperature, width), group) in enumerate(groups):
+        group = group.sort_values("teacher_label_noise")
+        label = fmt.condition_label("KD", alpha, temperature, show_t, width)
+        color = CONTROL_COLORS[i % len(CONTROL_COLORS)]
+        _noise_line(axes[0], group, "transfer", color, "-", label)
+        for ax, scale in zip(axes[1:], ("raw", "headroom"), strict=True):
+            for bucket, style in (("correct", "-"), ("incorrect", "--")):
+                name = f"delta_{bucket}_{scale}"
+                _noise_line(ax, group, name, color, style, f"{label} Δ{bucket}")
+    for ax, (_, title) in zip(axes, NOISE_PANELS, strict=True):
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("teacher label-noise rate")
+        ax.axhline(0.0, color="0.3", linewidth=0.8)
+        ax.grid(alpha=0.3)
+        ax.set_xticks(sorted(rows["teacher_label_noise"].unique()))
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=4, frameon=False, fontsize=8)
+    return _png(fig)
+
+
+def _noise_line(ax, group, column: str, color: str, style: str, label: str) -> None:
+    x = group["teacher_label_noise"].to_numpy(float)
+    y = group[column].to_numpy(float)
+    low, high = group[f"{column}_low"].to_numpy(float), group[f"{column}_high"].to_numpy(float)
+    # an infinite bound (too few pairs for an exact interval) draws no bar
+    yerr = np.nan_to_num(np.vstack([y - low, high - y]), nan=0.0, posinf=0.0, neginf=0.0)
+    ax.errorbar(x, y, yerr=np.clip(yerr, 0.0, None), color=color, linestyle=style, marker="o",
+                markersize=4, capsize=3, label=label)  # fmt: skip

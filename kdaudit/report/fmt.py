@@ -88,18 +88,39 @@ def metric_label(metric: str, arrow: bool = True) -> str:
 
 
 def condition_label(
-    condition: str, alpha: float, temperature: float, show_t: bool, width: float = math.nan
+    condition: str,
+    alpha: float,
+    temperature: float,
+    show_t: bool,
+    width: float = math.nan,
+    noise: float = 0.0,
 ) -> str:
-    """Column label: 'siddo', 'kd α=0.5, T=1', 'rcd α=0.5', 'ls α=0.1', 'kd α=0.5, w=0.3'."""
+    """Column label: 'siddo', 'kd α=0.5, T=1', 'rcd α=0.5', 'ls α=0.1', 'kd α=0.5, w=0.3',
+    'kd α=0.5, noise 0.1' (its teacher's label-noise rate, when not 0)."""
     parts = [] if is_missing(alpha) else [f"α={alpha:g}"]
     if show_t and not is_missing(temperature):
         parts.append(f"T={temperature:g}")
     if not is_missing(width):
         parts.append(f"w={width:g}")
+    parts += noise_parts(noise)
     return f"{condition} {', '.join(parts)}" if parts else condition
 
 
-def setting_text(alpha: float, temperature: float, width: float = math.nan) -> str:
-    """Plain-text setting for sentences: 'alpha=0.5, T=1' (', width=0.3' in capacity grids)."""
+def noise_parts(noise: float) -> list[str]:
+    """'noise 0.1' for a teacher of the teacher-error sweep; nothing for a clean one."""
+    return [] if is_missing(noise) or noise == 0 else [f"noise {noise:g}"]
+
+
+def setting_text(
+    alpha: float, temperature: float, width: float = math.nan, noise: float = 0.0
+) -> str:
+    """Plain-text setting for sentences: 'alpha=0.5, T=1' (', width=0.3' in capacity grids,
+    ', noise 0.1' in the teacher-error sweep)."""
     text = f"alpha={alpha:g}" if is_missing(temperature) else f"alpha={alpha:g}, T={temperature:g}"
-    return text if is_missing(width) else f"{text}, width={width:g}"
+    text = text if is_missing(width) else f"{text}, width={width:g}"
+    return ", ".join([text, *noise_parts(noise)])
+
+
+def setting_of(s) -> str:
+    """setting_text of a setting (a stats.SettingResult): its alpha, T and grid axes."""
+    return setting_text(s.alpha, s.temperature, s.width, s.teacher_label_noise)

@@ -189,7 +189,7 @@ def _count(n: int, noun: str) -> str:
 
 def headline(s: SettingResult, incomplete: bool = False) -> str:
     """'KD alpha=0.9, T=1: the student learned from the teacher ..., and it copied ...'"""
-    setting = fmt.setting_text(s.alpha, s.temperature, s.width)
+    setting = fmt.setting_of(s)
     who = "teacher seeds pooled" if s.teacher_seed == POOLED else f"teacher seed {s.teacher_seed}"
     text = f"{fmt.control_name(s.condition)} {setting} ({who}): {TRANSFER_PLAIN[s.verdict]}"
     if s.transfer_found:
@@ -228,7 +228,7 @@ def _more_accurate_controls(analysis: Analysis) -> list[str]:
     return [
         f"The {fmt.control_name(control)} students are {100 * gap:.1f} points more accurate "
         f"than the {fmt.control_name(s.condition)} students at "
-        f"{fmt.setting_text(s.alpha, s.temperature, s.width)} (teacher seed {s.teacher_seed}: "
+        f"{fmt.setting_of(s)} (teacher seed {s.teacher_seed}: "
         f"test accuracy {fmt.num(t.mean_control, 3)} against {fmt.num(t.mean_treatment, 3)}, "
         f"n={t.n} paired seeds, {fmt.control_name(s.condition)} − "
         f"{fmt.control_name(control)} {fmt.signed(t.estimate)} "
@@ -253,7 +253,7 @@ def _seed_dependent(analysis: Analysis) -> list[str]:
             counts = ", ".join(f"{n} {v.replace('_', ' ')}" for v, n in verdicts.items())
             facts.append(
                 f"{fmt.control_name(s.condition)} "
-                f"{fmt.setting_text(s.alpha, s.temperature, s.width)}: the verdict differs "
+                f"{fmt.setting_of(s)}: the verdict differs "
                 f"between teacher seeds ({counts}); it hangs on which teacher was trained, "
                 "so read the per-teacher rows, not only the pooled one."
             )
@@ -270,7 +270,7 @@ def _label_contradicted(analysis: Analysis) -> list[str]:
             continue
         facts.append(
             f"The paper's single-baseline rule calls {fmt.control_name(s.condition)} "
-            f"{fmt.setting_text(s.alpha, s.temperature, s.width)} (teacher seed "
+            f"{fmt.setting_of(s)} (teacher seed "
             f"{s.teacher_seed}) {paper}, but the comparisons disagree: {s.asymmetry_why}. "
             "The label depends on which control and which scale one trusts."
         )

@@ -17,7 +17,8 @@ SETTING_FIELDS += ["delta_incorrect", "best_control", "n", "n_significant"]
 SETTING_FIELDS += ["relative_improvement", "asymmetry_p", "seeds_needed", "asymmetry_why", "note"]
 # summary.json's `tests`: one object per paired test (estimate and interval: treatment - control)
 TEST_FIELDS = {"teacher_seed": "teacher_seed", "condition": "condition", "alpha": "alpha",
-               "temperature": "temperature", "width": "width", "control": "control",
+               "temperature": "temperature", "width": "width",
+               "teacher_label_noise": "teacher_label_noise", "control": "control",
                "metric": "metric", "n": "n", "statistic": "statistic", "pvalue": "p",
                "p_adjusted": "p_adjusted", "significant": "significant",
                "effect_size": "effect_size", "estimate": "estimate", "ci_low": "ci_low",
@@ -55,30 +56,20 @@ def _setting(s: SettingResult) -> dict:
 
 
 def _pooled(s: SettingResult) -> dict:
-    keys = ("condition", "alpha", "temperature", "width", "n", "verdict", "asymmetry",
-            "asymmetry_why")  # fmt: skip
+    keys = ("condition", "alpha", "temperature", "width", "teacher_label_noise", "n", "verdict",
+            "asymmetry", "asymmetry_why")  # fmt: skip
     row = {k: v for k, v in _setting(s).items() if k in (*keys, "asymmetry_matrix")}
     return {**row, "n_teachers": s.n_teachers, "verdicts": dict(s.teacher_verdicts or {})}
 
 
 def _conditions(summary: pd.DataFrame, counts: dict[tuple, int]) -> list[dict]:
     out = []
-    for (seed, condition, alpha, temperature, width), group in summary.groupby(
-        list(SETTING_KEYS), dropna=False, sort=True
-    ):
-        key = (int(seed), condition, _none(alpha), _none(temperature), _none(width))
+    for values, group in summary.groupby(list(SETTING_KEYS), dropna=False, sort=True):
+        seed, condition, *params = values  # alpha, temperature, then the grid axes
+        key = (int(seed), condition, *(_none(p) for p in params))
         means = dict(zip(group["metric"], group["mean"], strict=True))
-        out.append(
-            dict(
-                teacher_seed=seed,
-                condition=condition,
-                alpha=alpha,
-                temperature=temperature,
-                width=width,
-                n=counts.get(key, 0),
-                means=means,
-            )
-        )
+        row = dict(zip(SETTING_KEYS, values, strict=True))
+        out.append(dict(row, n=counts.get(key, 0), means=means))
     return out
 
 

@@ -12,9 +12,21 @@ from kdaudit.conditions import label as condition_label
 from kdaudit.metrics import better_directions, functional_metrics
 from kdaudit.report import fmt
 from kdaudit.report.blocks import Table
-from kdaudit.stats import SETTING_KEYS, Analysis, ControlComparison, first_treatment, with_width
+from kdaudit.stats import (
+    AXES,
+    POOLED,
+    SETTING_KEYS,
+    Analysis,
+    ControlComparison,
+    first_treatment,
+    setting_keys,
+    with_axes,
+)
 
 TEACHER_COLUMNS = ("teacher_seed", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+# the teacher-error sweep's columns of a noisy teacher (kdaudit.store.tables.NOISE_COLUMNS)
+NOISE_COLUMNS = ("label_noise_fraction", "noisy_train_accuracy", "noisy_train_loss")
+TEACHER = ["teacher_seed", "teacher_label_noise"]  # one teacher: its seed and noise rate
 TEACHER_COUNTS = {
     "n_teacher_correct": "teacher-correct test examples",
     "n_teacher_incorrect": "teacher-incorrect test examples",
@@ -22,9 +34,24 @@ TEACHER_COUNTS = {
 MARKS = {"significant": "✓", "not": "·", "all_zero": "0", "missing": fmt.MISSING}
 
 
-def _key(condition: str, alpha: float, temperature: float, width: float = math.nan) -> tuple:
-    """A hashable condition key (NaN never equals itself, so it becomes None)."""
-    return (condition, _none(alpha), _none(temperature), _none(width))
+def _key(
+    condition: str, alpha: float, temperature: float, width: float = math.nan, noise: float = 0.0
+) -> tuple:
+    """A hashable condition key (NaN never equals itself, so it becomes None); the grid axes
+    (stats.AXES: width, teacher label noise) last."""
+    return (condition, _none(alpha), _none(temperature), _none(width), _none(noise))
+
+
+def _setting_key(s) -> tuple:
+    """The condition key of a setting or comparison (stats.SettingResult, ControlComparison)."""
+    return _key(s.condition, s.alpha, s.temperature, *(getattr(s, axis) for axis in AXES))
+
+
+def _row_keys(frame: pd.DataFrame) -> list[tuple]:
+    """The condition key of each row of a frame with the setting columns (axes defaulted)."""
+    frame = with_axes(frame)
+    columns = [frame[c] for c in ("condition", "alpha", "temperature", *AXES)]
+    return [_key(*values) for values in zip(*columns, strict=True)]
 
 
 def _none(x):
@@ -32,8 +59,9 @@ def _none(x):
 
 
 def _condition_sort(key: tuple) -> tuple:
-    condition, alpha, temperature, width = key
-    return (_order(width), order(condition), condition, _order(alpha), _order(temperature))
+    condition, alpha, temperature, width, noise = key
+    return (_order(noise), _order(width), order(condition), condition, _order(alpha),
+            _order(temperature))  # fmt: skip
 
 
 def _order(x) -> float:
@@ -41,9 +69,9 @@ def _order(x) -> float:
 
 
 def _label(key: tuple, show_t: bool) -> str:
-    """The display label of a condition key (condition, alpha, T, width)."""
-    condition, alpha, temperature, width = key
-    return fmt.condition_label(condition, alpha, temperature, show_t, _nan(width))
+    """The display label of a condition key (condition, alpha, T, width, noise)."""
+    condition, alpha, temperature, width, noise = key
+    return fmt.condition_label(condition, alpha, temperature, show_t, _nan(width), noise)
 
 
 def _nan(x) -> float:
@@ -60,16 +88,18 @@ def metric_order(metrics) -> list[str]:
 
 def run_counts(runs: pd.DataFrame) -> dict[tuple, int]:
     """Runs per (teacher_seed, condition key)."""
-    grouped = with_width(runs).groupby(list(SETTING_KEYS), dropna=False)["run_id"].nunique()
-    return {(int(s), *_key(c, a, t, w)): int(n) for (s, c, a, t, w), n in grouped.items()}
+    grouped = with_axes(runs).groupby(list(SETTING_KEYS), dropna=False)["run_id"].nunique()
+    return {(int(s), *_key(*rest)): int(n) for (s, *rest), n in grouped.items()}
 
 
-def table_groups(summary: pd.DataFrame) -> list[tuple[int, float]]:
-    """(teacher seed, width) of each summary table: one per teacher seed, and per width in
-    capacity grids (ten widths of seven conditions would not fit one table)."""
-    pairs = summary[["teacher_seed", "width"]].drop_duplicates()
-    keys = {(int(s), _none(w)) for s, w in pairs.itertuples(index=False)}
-    return [(s, _nan(w)) for s, w in sorted(keys, key=lambda k: (k[0], _order(k[1])))]
+def table_groups(summary: pd.DataFrame) -> list[tuple[int, float, float]]:
+    """(teacher seed, width, teacher label noise) of each summary table: one per teacher
+    (seed and noise rate), and per width in capacity grids (ten widths of seven conditions
+    would not fit one table)."""
+    groups = with_axes(summary)[["teacher_seed", *AXES]].drop_duplicates()
+    keys = {(int(s), _none(w), _none(n)) for s, w, n in groups.itertuples(index=False)}
+    ordered = sorted(keys, key=lambda k: (k[0], _order(k[2]), _order(k[1])))
+    return [(s, _nan(w), n) for s, w, n in ordered]
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -80,19 +110,35 @@ def teachers_frame(teachers: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in TEACHER_COLUMNS if c not in teachers.columns]
     if missing:
         raise ValueError(f"teachers is missing columns {missing}; expected {list(TEACHER_COLUMNS)}")
-    extra = ["n_params"] if "n_params" in teachers.columns else []
-    frame = teachers[[*TEACHER_COLUMNS, *extra]].sort_values("teacher_seed")
-    counts = runs[runs["metric"].isin(list(TEACHER_COUNTS))]
+    extra = [c for c in ("n_params", *NOISE_COLUMNS) if c in teachers.columns]
+    frame = with_teacher_noise(teachers)[[*TEACHER, *TEACHER_COLUMNS[1:], *extra]]
+    frame = frame.sort_values(TEACHER)
+    counts = with_axes(runs[runs["metric"].isin(list(TEACHER_COUNTS))])
     if not counts.empty:
-        per_seed = counts.pivot_table(index="teacher_seed", columns="metric", values="value")
-        frame = frame.merge(per_seed.reset_index(), on="teacher_seed", how="left")
+        per_teacher = counts.pivot_table(index=TEACHER, columns="metric", values="value")
+        frame = frame.merge(per_teacher.reset_index(), on=TEACHER, how="left")
     return frame.reset_index(drop=True)
+
+
+def with_teacher_noise(teachers: pd.DataFrame) -> pd.DataFrame:
+    """A teacher table with its teacher_label_noise column (0.0: stored before the sweep, or
+    from kdaudit compare)."""
+    if TEACHER[1] in teachers.columns:
+        return teachers.astype({TEACHER[1]: np.float64})
+    return teachers.assign(**{TEACHER[1]: 0.0})
 
 
 def teachers_table(frame: pd.DataFrame) -> Table:
     text = pd.DataFrame({"teacher seed": frame["teacher_seed"].map(str)})
+    swept = (with_teacher_noise(frame)[TEACHER[1]] != 0).any()
+    if swept:
+        text["label noise"] = frame[TEACHER[1]].map(lambda x: f"{x:g}")
     for column in TEACHER_COLUMNS[1:]:
         text[column.replace("_", " ")] = frame[column].map(fmt.num)
+    if swept and "noisy_train_loss" in frame:
+        text["labels changed"] = frame["label_noise_fraction"].map(fmt.pct)
+        text["train loss (noisy labels)"] = frame["noisy_train_loss"].map(fmt.num)
+        text["train accuracy (noisy labels)"] = frame["noisy_train_accuracy"].map(fmt.num)
     if "n_params" in frame:
         text["parameters"] = frame["n_params"].map(fmt.integer)
     for column, label in TEACHER_COUNTS.items():
@@ -105,32 +151,42 @@ def teachers_table(frame: pd.DataFrame) -> Table:
 
 
 def summary_table(
-    summary: pd.DataFrame, counts: dict[tuple, int], seed: int, width: float = math.nan
+    summary: pd.DataFrame,
+    counts: dict[tuple, int],
+    seed: int,
+    width: float = math.nan,
+    noise: float = 0.0,
 ) -> Table:
     """Rows = metrics, columns = conditions; best mean in bold, n in the column header."""
-    s = summary[summary["teacher_seed"] == seed]
-    s = s[np.isclose(s["width"].astype(float), width, equal_nan=True)]
-    cells = {
-        (*_key(r.condition, r.alpha, r.temperature, r.width), r.metric): (r.mean, r.sem)
-        for r in s.itertuples(index=False)
-    }
-    columns = sorted({k[:4] for k in cells}, key=_condition_sort)
+    s = with_axes(summary)
+    s = s[s["teacher_seed"] == seed]
+    s = s[
+        np.isclose(s["width"], width, equal_nan=True) & np.isclose(s["teacher_label_noise"], noise)
+    ]
+    keys = _row_keys(s)
+    cells = {(*k, m): (mean, sem) for k, m, mean, sem in
+             zip(keys, s["metric"], s["mean"], s["sem"], strict=True)}  # fmt: skip
+    columns = sorted({k[:-1] for k in cells}, key=_condition_sort)
     show_t = len({k[2] for k in columns if k[2] is not None}) > 1
-    # the width is the table's, in its caption: column labels leave it out
+    # the width and noise are the table's, in its caption: column labels leave them out
     headers = [
-        f"{_label((c, a, t, None), show_t or is_treatment(c))} (n={counts.get((seed, c, a, t, w), 0)})"
-        for c, a, t, w in columns
+        f"{_label((c, a, t, None, None), show_t or is_treatment(c))} (n={counts.get((seed, c, a, t, w, n), 0)})"
+        for c, a, t, w, n in columns
     ]
     metrics = metric_order(s["metric"].unique())
     text = pd.DataFrame([_summary_row(cells, columns, m) for m in metrics], columns=headers)
     bold = pd.DataFrame([_best_row(cells, columns, m) for m in metrics], columns=headers)
     text.insert(0, "metric", [fmt.metric_label(m) for m in metrics])
     bold.insert(0, "metric", False)
-    caption = f"Teacher seed {seed}: mean ± SEM over runs (best mean in bold)"
+    teacher = f"Teacher seed {seed}"
     name = f"summary_seed{seed}"
+    if noise:
+        teacher += f", teacher label noise {noise:g}"
+        name += f"_noise{noise:g}"
     if not fmt.is_missing(width):
-        caption = f"Teacher seed {seed}, student width {width:g}: mean ± SEM over runs (best mean in bold)"
+        teacher += f", student width {width:g}"
         name += f"_w{width:g}"
+    caption = f"{teacher}: mean ± SEM over runs (best mean in bold)"
     return Table(name, caption, text, bold=bold)
 
 
@@ -155,23 +211,23 @@ def _best_row(cells, columns, metric) -> list[bool]:
 
 
 def _setting_keys(analysis: Analysis) -> dict[tuple, tuple[str, ...]]:
-    """(treatment, alpha, T, width) -> its controls in the design's order, in row order."""
+    """(treatment, alpha, T, width, noise) -> its controls in the design's order, in row order."""
     controls: dict[tuple, dict[str, None]] = {}
     for s in analysis.settings:
-        key = (s.condition, _none(s.alpha), _none(s.temperature), _none(s.width))
+        key = _setting_key(s)
         controls.setdefault(key, {}).update(dict.fromkeys(c.control for c in s.comparisons))
     rank = {c: i for i, c in enumerate(dict.fromkeys(s.condition for s in analysis.settings))}
-    order = sorted(controls, key=lambda k: (rank[k[0]], _order(k[3]), k[1], _order(k[2])))
+    order = sorted(controls, key=lambda k: (rank[k[0]], _order(k[4]), _order(k[3]), k[1],
+                                            _order(k[2])))  # fmt: skip
     return {k: tuple(controls[k]) for k in order}
 
 
 def _comparisons(analysis: Analysis) -> dict[tuple, ControlComparison]:
     return {
-        (c.teacher_seed, c.condition, _none(c.alpha), _none(c.temperature), _none(c.width),
-         c.control): c
+        (c.teacher_seed, *_setting_key(c), c.control): c
         for s in analysis.settings
         for c in s.comparisons
-    }  # fmt: skip
+    }
 
 
 def significance_table(analysis: Analysis) -> Table:
@@ -282,7 +338,7 @@ def verdicts_table(analysis: Analysis) -> Table:
 def headline_table(analysis: Analysis) -> Table:
     """Per setting: the transfer verdict, the robust asymmetry label and the paper's."""
     rows = [[str(s.teacher_seed),
-             fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width), str(s.n),
+             _label(_setting_key(s), True), str(s.n),
              s.verdict.replace("_", " "), s.asymmetry, s.paper_asymmetry.label]
             for s in analysis.settings]  # fmt: skip
     headers = ["teacher seed", "setting", "n", "transfer", "asymmetry (robust)",
@@ -298,7 +354,7 @@ def _seeds(n) -> str:
 
 def pooled_table(analysis: Analysis) -> Table:
     """One row per setting pooled over teacher seeds."""
-    rows = [[fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width),
+    rows = [[_label(_setting_key(s), True),
              str(s.n_teachers),
              ", ".join(f"{n} {v.replace('_', ' ')}" for v, n in (s.teacher_verdicts or {}).items()),
              str(s.n), s.verdict.replace("_", " "), s.asymmetry, s.asymmetry_why]
@@ -313,7 +369,7 @@ def matrix_table(analysis: Analysis, pooled: bool = False) -> Table:
     rows = []
     for s in analysis.pooled if pooled else analysis.settings:
         seed = "pooled" if pooled else str(s.teacher_seed)
-        setting = fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width)
+        setting = _label(_setting_key(s), True)
         for c in s.matrix:
             rows.append([seed, setting, fmt.control_name(c.control), c.scale, str(c.n),
                          f"{fmt.signed(c.delta_correct)} {_ci(c.delta_correct_ci)}",
@@ -334,8 +390,7 @@ def _ci(bounds) -> str:
 
 
 def _setting_labels(frame: pd.DataFrame) -> list[str]:
-    columns = [frame[c] for c in ("condition", "alpha", "temperature", "width")]
-    return [fmt.condition_label(c, a, t, True, w) for c, a, t, w in zip(*columns, strict=True)]
+    return [_label(key, True) for key in _row_keys(frame)]
 
 
 def deltas_table(analysis: Analysis) -> Table:
@@ -345,7 +400,7 @@ def deltas_table(analysis: Analysis) -> Table:
         rows.append(
             [
                 str(s.teacher_seed),
-                fmt.condition_label(s.condition, s.alpha, s.temperature, True, s.width),
+                _label(_setting_key(s), True),
                 fmt.baseline_name(a.baseline_correct, a.baseline_incorrect) if a.n else fmt.MISSING,
                 f"{fmt.signed(a.delta_correct)} ± {fmt.num(a.sem_correct, 2)}",
                 f"{fmt.signed(a.delta_incorrect)} ± {fmt.num(a.sem_incorrect, 2)}",
@@ -406,11 +461,11 @@ def equivalence_table(frame: pd.DataFrame, name: str) -> Table:
     entry = condition(name)
     a, b = entry.label, condition_label(entry.equals)
     rows = []
-    keys = ["teacher_seed", "alpha", "width"]
-    for (seed, alpha, width), group in frame.groupby(keys, dropna=False, sort=True):
+    keys = ["teacher_seed", "alpha", *AXES]
+    for (seed, alpha, width, noise), group in frame.groupby(keys, dropna=False, sort=True):
         paired = group.loc[group["max_abs_paired_diff"].idxmax()]
         means = group.loc[group["abs_mean_diff"].idxmax()]
-        rows.append([str(seed), fmt.condition_label("", alpha, math.nan, False, width).strip(),
+        rows.append([str(seed), fmt.condition_label("", alpha, math.nan, False, width, noise).strip(),
                      str(int(paired["n"])), fmt.metric_label(paired["metric"], arrow=False),
                      fmt.num(paired["max_abs_paired_diff"], 3),
                      fmt.metric_label(means["metric"], arrow=False),
@@ -428,9 +483,7 @@ def equivalence_table(frame: pd.DataFrame, name: str) -> Table:
 def targeted_table(frame: pd.DataFrame, options) -> Table:
     """Rows = teachers and conditions, columns = mean ± SEM count per completion."""
     completions = options.targeted_completions
-    keys = [_key(c, a, t, w) for c, a, t, w in
-            zip(frame["condition"], frame["alpha"], frame["temperature"], frame["width"],
-                strict=True)]  # fmt: skip
+    keys = _row_keys(frame)
     order = sorted(range(len(frame)), key=lambda i: (frame["teacher_seed"].iat[i],
                                                      _teacher_first(keys[i])))  # fmt: skip
     rows = []
@@ -453,8 +506,9 @@ def _teacher_first(key: tuple) -> tuple:
 # ----------------------------------------------------------------------------- teacher regime
 
 TEACHER_TRANSFER_COLUMNS = ["teacher_seed", "train_loss", "train_accuracy", "test_accuracy",
-                            "condition", "alpha", "temperature", "width", "n", "delta_correct",
-                            "delta_incorrect", "relative_improvement", "verdict"]  # fmt: skip
+                            "condition", "alpha", "temperature", "width", "teacher_label_noise",
+                            "n", "delta_correct", "delta_incorrect", "relative_improvement",
+                            "verdict"]  # fmt: skip
 
 
 def teacher_transfer_frame(teachers: pd.DataFrame, analysis: Analysis) -> pd.DataFrame:
@@ -465,9 +519,10 @@ def teacher_transfer_frame(teachers: pd.DataFrame, analysis: Analysis) -> pd.Dat
     verdicts = verdicts[verdicts["condition"] == first_treatment(analysis)]
     if verdicts.empty or teachers.empty:
         return pd.DataFrame(columns=TEACHER_TRANSFER_COLUMNS)
-    own = teachers[["teacher_seed", "train_loss", "train_accuracy", "test_accuracy"]]
-    frame = own.merge(verdicts, on="teacher_seed", how="inner")
-    return frame[TEACHER_TRANSFER_COLUMNS].sort_values(["teacher_seed", "width", "alpha"])
+    own = with_teacher_noise(teachers)[[*TEACHER, "train_loss", "train_accuracy", "test_accuracy"]]
+    frame = own.merge(verdicts, on=TEACHER, how="inner")
+    order = ["teacher_seed", "teacher_label_noise", "width", "alpha"]
+    return frame[TEACHER_TRANSFER_COLUMNS].sort_values(order)
 
 
 def teacher_transfer_table(frame: pd.DataFrame) -> Table:
@@ -480,9 +535,7 @@ def teacher_transfer_table(frame: pd.DataFrame) -> Table:
             "teacher seed": frame["teacher_seed"].map(str),
             "teacher train loss": frame["train_loss"].map(fmt.num),
             "teacher test accuracy": frame["test_accuracy"].map(fmt.num),
-            "setting": [fmt.condition_label(c, a, t, True, w) for c, a, t, w in
-                        zip(frame["condition"], frame["alpha"], frame["temperature"],
-                            frame["width"], strict=True)],
+            "setting": _setting_labels(frame),
             "n": frame["n"].map(str),
             "Δcorrect": frame["delta_correct"].map(fmt.signed),
             "Δincorrect": frame["delta_incorrect"].map(fmt.signed),
@@ -503,7 +556,10 @@ def copied_table(frame: pd.DataFrame, name: str, rows: int) -> Table:
     text = pd.DataFrame(index=head.index)
     for column in head.columns:
         values = head[column]
-        if column in ("teacher_seed", "example", "label", "teacher_prediction", "n_examples"):
+        if column == "teacher_label_noise":  # shown in a teacher-error sweep only
+            if (frame[column] != 0).any():
+                text["label noise"] = values.map(lambda v: f"{v:g}")
+        elif column in ("teacher_seed", "example", "label", "teacher_prediction", "n_examples"):
             text[column.replace("_", " ")] = values.map(lambda v: str(int(v)))
         elif column in ("label_name", "teacher_prediction_name"):
             text[column.replace("_", " ")] = values.map(str)
@@ -526,7 +582,7 @@ def remedies_table(frame: pd.DataFrame) -> Table:
     rows = []
     for r in frame.itertuples(index=False):
         rows.append([str(r.teacher_seed),
-                     fmt.condition_label(r.condition, r.alpha, r.temperature, True, r.width),
+                     _label(_setting_key(r), True),
                      r.verdict.replace("_", " "), r.asymmetry, _count(r.negative_cells),
                      f"{r.of_verdict.replace('_', ' ')} / {r.of_asymmetry}",
                      _count(r.of_negative_cells),
@@ -545,3 +601,125 @@ def remedies_table(frame: pd.DataFrame) -> Table:
 
 def _count(x) -> str:
     return fmt.MISSING if fmt.is_missing(x) else str(int(x))
+
+
+# ----------------------------------------------------------------------------- teacher-error sweep
+
+# per scale of the asymmetry matrix: the cell's mean deltas against the control, with their
+# 95% intervals, and its label
+_CELL_COLUMNS = [
+    f"{d}_{scale}{end}"
+    for scale in ("raw", "headroom")
+    for d in ("delta_correct", "delta_incorrect")
+    for end in ("", "_low", "_high")
+]
+_CELL_COLUMNS += ["asymmetry_raw", "asymmetry_headroom"]
+TEACHER_NOISE_COLUMNS = [*SETTING_KEYS, "n", "label_noise_fraction", "teacher_train_error_noisy",
+                         "teacher_train_loss_noisy", "teacher_train_error", "teacher_test_accuracy",
+                         "transfer", "transfer_low", "transfer_high", "transfer_p",
+                         "relative_improvement", "verdict", *_CELL_COLUMNS, "accuracy",
+                         "control_accuracy"]  # fmt: skip
+_TEACHER_NOISE = {"label_noise_fraction": "label_noise_fraction",
+                  "teacher_train_error_noisy": "noisy_train_accuracy",
+                  "teacher_train_loss_noisy": "noisy_train_loss",
+                  "teacher_train_error": "train_accuracy",
+                  "teacher_test_accuracy": "test_accuracy"}  # fmt: skip
+
+
+def teacher_noise_frame(teachers: pd.DataFrame, analysis: Analysis, control: str = "siddo"):
+    """The teacher-error sweep, one row per setting of the first treatment (KD) per teacher
+    seed, and pooled over teacher seeds (teacher_seed = stats.POOLED) when there are several:
+    its teacher's label noise (realised fraction), train error and loss on its noisy labels,
+    train error on the clean ones and test accuracy (pooled: means over the teachers);
+    transfer, the Hodges-Lehmann estimate of agreement(KD) - agreement(control) in top-1
+    predictions with its exact 95% interval and one-sided paired Wilcoxon p (the prediction
+    disagreement test of the analysis); the asymmetry matrix's cells against the control
+    (raw and headroom); and the treatment's and the control's mean test accuracy.
+    `teachers`: teachers_frame's table."""
+    treatment = first_treatment(analysis)
+    settings = [s for s in (*analysis.settings, *analysis.pooled) if s.condition == treatment]
+    own = _teacher_noise_lookup(teachers)
+    rows = [_noise_row(s, own, control) for s in settings]
+    frame = pd.DataFrame(rows, columns=TEACHER_NOISE_COLUMNS)
+    order = ["teacher_seed", "temperature", "width", "alpha", "teacher_label_noise"]
+    return frame.sort_values(order).reset_index(drop=True)
+
+
+def _teacher_noise_lookup(teachers: pd.DataFrame) -> dict[tuple, dict]:
+    """(teacher seed, noise) -> the teacher's sweep columns; (POOLED, noise): their means."""
+    frame = with_teacher_noise(teachers)
+    frame = frame.assign(**{c: frame.get(c, np.nan) for c in _TEACHER_NOISE.values()})
+    values = frame[[*TEACHER, *dict.fromkeys(_TEACHER_NOISE.values())]]
+    pooled = values.groupby(TEACHER[1], as_index=False).mean().assign(teacher_seed=POOLED)
+    lookup = {}
+    for row in pd.concat([values, pooled]).to_dict(orient="records"):
+        lookup[(int(row["teacher_seed"]), float(row[TEACHER[1]]))] = {
+            name: 1.0 - row[c] if name.startswith("teacher_train_error") else row[c]
+            for name, c in _TEACHER_NOISE.items()
+        }
+    return lookup
+
+
+def _noise_row(s, own: dict[tuple, dict], control: str) -> dict:
+    comparison = s.comparison(control)
+    agreement = comparison.test("prediction_disagreement") if comparison else None
+    accuracy = comparison.test("accuracy") if comparison else None
+    teacher = own.get((s.teacher_seed, s.teacher_label_noise), {})
+    row = {**setting_keys(s), "n": s.n, **teacher, "relative_improvement": s.relative_improvement,
+           "verdict": s.verdict}  # fmt: skip
+    if agreement is not None:  # disagreement lower = agreement higher: the signs flip
+        row.update(transfer=-agreement.estimate, transfer_low=-agreement.ci_high,
+                   transfer_high=-agreement.ci_low, transfer_p=agreement.pvalue)  # fmt: skip
+    if accuracy is not None:
+        row.update(accuracy=accuracy.mean_treatment, control_accuracy=accuracy.mean_control)
+    for cell in s.cells([control]):
+        row.update(_cell_values(cell))
+    return row
+
+
+def _cell_values(cell) -> dict:
+    values = {f"asymmetry_{cell.scale}": cell.label}
+    for bucket in ("correct", "incorrect"):
+        name = f"delta_{bucket}_{cell.scale}"
+        low, high = getattr(cell, f"delta_{bucket}_ci")
+        values.update({name: getattr(cell, f"delta_{bucket}"), f"{name}_low": low,
+                       f"{name}_high": high})  # fmt: skip
+    return values
+
+
+def teacher_noise_table(frame: pd.DataFrame) -> Table:
+    """teacher_noise_frame, formatted: one row per (teacher seed, setting, noise rate)."""
+    text = pd.DataFrame(
+        {
+            "teacher seed": frame["teacher_seed"].map(lambda t: "pooled" if t == POOLED else str(t)),
+            "setting": [_label((*k[:4], None), True) for k in _row_keys(frame)],
+            "label noise": frame["teacher_label_noise"].map(lambda x: f"{x:g}"),
+            "labels changed": frame["label_noise_fraction"].map(fmt.pct),
+            "teacher train error (noisy labels)": frame["teacher_train_error_noisy"].map(fmt.pct),
+            "teacher test accuracy": frame["teacher_test_accuracy"].map(fmt.num),
+            "n": frame["n"].map(str),
+            "transfer (HL) [95% CI]": [f"{fmt.signed(e)} {fmt.interval(lo, hi)}" for e, lo, hi in
+                                       zip(frame["transfer"], frame["transfer_low"],
+                                           frame["transfer_high"], strict=True)],
+            "p": frame["transfer_p"].map(fmt.pval),
+            "verdict": frame["verdict"].str.replace("_", " "),
+            **{f"{label} ({scale})": _with_interval(frame, f"{d}_{scale}")
+               for scale in ("raw", "headroom")
+               for label, d in (("Δcorrect", "delta_correct"), ("Δincorrect", "delta_incorrect"))},
+            "asymmetry (raw / headroom)": [f"{r} / {h}" for r, h in
+                                           zip(frame["asymmetry_raw"], frame["asymmetry_headroom"],
+                                               strict=True)],
+            "KD accuracy": frame["accuracy"].map(fmt.num),
+            "SIDDO accuracy": frame["control_accuracy"].map(fmt.num),
+        }
+    )  # fmt: skip
+    caption = ("Teacher-error sweep: each teacher trained with a share of its training labels "
+               "replaced at random (students see clean labels); transfer = agreement(KD) − "
+               "agreement(SIDDO) in top-1 predictions (one-sided paired Wilcoxon p); Δcorrect and "
+               "Δincorrect against SIDDO, mean [95% CI] over paired seeds")  # fmt: skip
+    return Table("teacher_noise", caption, text)
+
+
+def _with_interval(frame: pd.DataFrame, column: str) -> list[str]:
+    return [f"{fmt.signed(m)} {fmt.interval(lo, hi)}" for m, lo, hi in
+            zip(frame[column], frame[f"{column}_low"], frame[f"{column}_high"], strict=True)]  # fmt: skip

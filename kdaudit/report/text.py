@@ -40,7 +40,7 @@ def verdict_evidence(s: SettingResult, options: AnalysisOptions) -> str:
 
 
 def _head(s: SettingResult) -> str:
-    setting = fmt.setting_text(s.alpha, s.temperature, s.width)
+    setting = fmt.setting_of(s)
     if s.teacher_seed == POOLED:
         counts = ", ".join(
             f"{n} {v.replace('_', ' ')}" for v, n in (s.teacher_verdicts or {}).items()
@@ -229,5 +229,6 @@ def equivalence_sentence(frame, a: str) -> str:
 
 def _where(row) -> str:
     width = "" if fmt.is_missing(row["width"]) else f", width {row['width']:g}"
+    width += "".join(f", {p}" for p in fmt.noise_parts(row.get("teacher_label_noise", 0.0)))
     return (f"{fmt.metric_label(row['metric'], arrow=False)}, α={row['alpha']:g}, teacher seed "
             f"{row['teacher_seed']}{width}, n={int(row['n'])} pairs")  # fmt: skip

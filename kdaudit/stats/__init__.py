@@ -1,14 +1,16 @@
 """Paired statistics for the transfer decision (PROTOCOL sections 5, 6 and 10).
 
 Input is the tidy run table, one row per run per metric. A *setting* is one
-(teacher_seed, alpha, temperature, width) of a treatment condition; its runs are paired with
-the runs of each of its controls at the same student width by student seed, which is what
-makes the Wilcoxon signed-rank tests paired. Which controls a treatment has, and which
-setting parameters each shares with it, is a `Designs` table passed in (by default the
-condition registry's, kdaudit.conditions.designs()). A parameter a condition does not have
+(teacher_seed, alpha, temperature, width, teacher_label_noise) of a treatment condition; its
+runs are paired with the runs of each of its controls at the same grid axes (AXES: student
+width, teacher label noise) by student seed, which is what makes the Wilcoxon signed-rank
+tests paired. Which controls a treatment has, and which setting parameters each shares with
+it, is a `Designs` table passed in (by default the condition registry's,
+kdaudit.conditions.designs()). A parameter a condition does not have
 (a feature-map treatment's temperature) is NaN. The metrics, their better directions and
-which of them are functional come from the metric registry (kdaudit.metrics). `width`
-(capacity grids) is optional: a table without it is one width, NaN.
+which of them are functional come from the metric registry (kdaudit.metrics). The grid axes
+are optional columns: a table without `width` (capacity grids) is one width, NaN; without
+`teacher_label_noise` (the teacher-error sweep) one clean teacher, 0.0.
 
 Per setting: the paired tests against every control (with effect sizes and estimates,
 kdaudit.stats.paired), the transfer verdict, the paper's asymmetry label and the robust one
@@ -70,7 +72,11 @@ REQUIRED_COLUMNS = (
     "metric",
     "value",
 )
-SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature", "width")
+# Grid axes beyond (alpha, T), each a column a run table may lack (runs stored before the
+# axis, other grids): its value there. A setting, and each of its controls, is one value of
+# every axis.
+AXES = {"width": math.nan, "teacher_label_noise": 0.0}
+SETTING_KEYS = ("teacher_seed", "condition", "alpha", "temperature", *AXES)
 POOLED = -1  # the teacher seed of a setting pooled over teacher seeds
 
 
@@ -93,19 +99,13 @@ class ControlComparison:
     n: int  # student seeds present in both the setting and the control
     tests: tuple[PairedTest, ...]
     width: float = math.nan  # student width fraction (capacity grids)
+    teacher_label_noise: float = 0.0  # the teacher's label-noise rate (teacher-error sweep)
 
     def test(self, metric: str) -> PairedTest | None:
         return next((t for t in self.tests if t.metric == metric), None)
 
     def to_frame(self) -> pd.DataFrame:
-        keys = dict(
-            teacher_seed=self.teacher_seed,
-            condition=self.condition,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            width=self.width,
-            control=self.control,
-        )
+        keys = {**setting_keys(self), "control": self.control}
         return pd.DataFrame([{**keys, **asdict(t)} for t in self.tests], columns=_TEST_COLUMNS)
 
 
@@ -129,6 +129,7 @@ class SettingResult:
     asymmetry_why: str = ""  # baseline-dependent: the cells that disagree
     note: str = ""
     width: float = math.nan  # student width fraction (capacity grids)
+    teacher_label_noise: float = 0.0  # the teacher's label-noise rate (teacher-error sweep)
     verdict_controls: tuple[str, ...] = ()  # the controls the verdict needs, reference first
     asymmetry_controls: tuple[str, ...] = ()  # the controls the robust label needs
     seeds_needed: float = math.nan  # pairs that would detect the observed transfer (planning)
@@ -150,11 +151,7 @@ class SettingResult:
     def to_frame(self) -> pd.DataFrame:
         a = self.paper_asymmetry
         row = dict(
-            teacher_seed=self.teacher_seed,
-            condition=self.condition,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            width=self.width,
+            **setting_keys(self),
             n=self.n,
             verdict=self.verdict,
             n_significant=self.n_significant,
@@ -172,9 +169,14 @@ class SettingResult:
         return pd.DataFrame([row], columns=VERDICT_COLUMNS)
 
     def matrix_frame(self) -> pd.DataFrame:
-        keys = {k: getattr(self, k) for k in SETTING_KEYS}
+        keys = setting_keys(self)
         return pd.DataFrame([{**keys, **cell_row(c)} for c in self.matrix],
                             columns=[*SETTING_KEYS, *MATRIX_COLUMNS])  # fmt: skip
+
+
+def setting_keys(result) -> dict:
+    """A setting's (or comparison's) SETTING_KEYS values, by name."""
+    return {k: getattr(result, k) for k in SETTING_KEYS}
 
 
 VERDICT_COLUMNS = [*SETTING_KEYS, "n", "verdict", "n_significant", "relative_improvement"]
@@ -212,9 +214,7 @@ class Analysis:
 
 
 def _with_keys(frame: pd.DataFrame, s: SettingResult) -> pd.DataFrame:
-    keys = dict(teacher_seed=s.teacher_seed, condition=s.condition, alpha=s.alpha,
-                temperature=s.temperature, width=s.width)  # fmt: skip
-    return frame.assign(**keys)
+    return frame.assign(**setting_keys(s))
 
 
 def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
@@ -228,19 +228,18 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, SEM and n per (teacher_seed, condition, alpha, temperature, width, metric)."""
+    """Mean, SEM and n per (SETTING_KEYS, metric)."""
     check_columns(runs)
     keys = [*SETTING_KEYS, "metric"]
-    values = with_width(runs).assign(value=runs["value"].astype(np.float64))
+    values = with_axes(runs).assign(value=runs["value"].astype(np.float64))
     grouped = values.groupby(keys, dropna=False, sort=True)["value"]
     return grouped.agg(mean="mean", sem=sem, n="count").reset_index()
 
 
-def with_width(runs: pd.DataFrame) -> pd.DataFrame:
-    """The run table with a float `width` column (NaN: not a capacity grid)."""
-    if "width" in runs.columns:
-        return runs.astype({"width": np.float64})
-    return runs.assign(width=np.nan)
+def with_axes(runs: pd.DataFrame) -> pd.DataFrame:
+    """The run table with a float column per grid axis (AXES), at its default where absent."""
+    missing = {axis: value for axis, value in AXES.items() if axis not in runs.columns}
+    return runs.assign(**missing).astype({axis: np.float64 for axis in AXES})
 
 
 def check_columns(runs: pd.DataFrame) -> None:
@@ -266,7 +265,7 @@ def analyse(
     check_columns(runs)
     designs = registered_designs() if designs is None else designs
     _check_options(options, designs)
-    runs = with_width(runs).assign(value=runs["value"].astype(np.float64))
+    runs = with_axes(runs).assign(value=runs["value"].astype(np.float64))
     settings = _analyse_all(runs, designs, options)
     pooled = ()
     if runs["teacher_seed"].nunique() > 1:
@@ -296,10 +295,10 @@ def _pool(pooled: SettingResult, settings: Sequence[SettingResult]) -> SettingRe
 
 
 def same_setting(a: SettingResult, b: SettingResult) -> bool:
-    """The same (alpha, T, width), whatever the teacher seed and condition; NaN equals NaN."""
+    """The same (alpha, T, AXES), whatever the teacher seed and condition; NaN equals NaN."""
     return all(
         (math.isnan(x) and math.isnan(y)) or math.isclose(x, y)
-        for x, y in ((a.alpha, b.alpha), (a.temperature, b.temperature), (a.width, b.width))
+        for x, y in ((getattr(a, k), getattr(b, k)) for k in ("alpha", "temperature", *AXES))
     )
 
 
@@ -324,14 +323,15 @@ def _check_options(options: AnalysisOptions, designs: Designs) -> None:
         raise ValueError(f"metrics has unknown metrics {unknown}; known: {sorted(better)}")
 
 
-def _treatment_settings(runs: pd.DataFrame, treatment: str) -> list[tuple]:
-    """(teacher seed, alpha, temperature, width) of every setting of `treatment`."""
-    columns = ["teacher_seed", "width", "alpha", "temperature"]
+def _treatment_settings(runs: pd.DataFrame, treatment: str) -> list[dict]:
+    """The key (teacher seed, alpha, temperature, AXES) of every setting of `treatment`."""
+    columns = ["teacher_seed", *reversed(AXES), "alpha", "temperature"]
     rows = runs.loc[runs["condition"] == treatment, columns].astype(
         {"alpha": np.float64, "temperature": np.float64}
     )
     rows = rows.drop_duplicates().sort_values(columns)
-    return [(int(s), float(a), float(t), float(w)) for s, w, a, t in rows.itertuples(index=False)]
+    return [{k: int(v) if k == "teacher_seed" else float(v) for k, v in row.items()}
+            for row in rows.to_dict(orient="records")]  # fmt: skip
 
 
 def select_runs(
@@ -339,7 +339,7 @@ def select_runs(
 ) -> pd.DataFrame:
     """The runs of `condition` in setting `key`, matched on the columns `match`."""
     mask = (runs["condition"] == condition) & (runs["teacher_seed"] == key["teacher_seed"])
-    for column in (*match, "width"):
+    for column in (*match, *AXES):
         # float settings come from configs: compare with a tolerance. NaN (a parameter the
         # condition lacks, the width outside capacity grids) matches NaN only.
         mask &= np.isclose(runs[column].astype(np.float64), key[column], rtol=1e-9, atol=1e-12,
@@ -356,19 +356,17 @@ def wide_table(frame: pd.DataFrame, label: str) -> pd.DataFrame:
     return frame.pivot(index="student_seed", columns="metric", values="value").sort_index()
 
 
-def _analyse_setting(runs, treatment, setting, design, options: AnalysisOptions) -> SettingResult:
-    teacher_seed, alpha, temperature, width = setting
-    key = dict(teacher_seed=teacher_seed, alpha=alpha, temperature=temperature, width=width)
-    where = "teachers pooled" if teacher_seed == POOLED else f"teacher seed {teacher_seed}"
-    name = f"{where}, {treatment} alpha={alpha:g}"
+def _analyse_setting(runs, treatment, key: dict, design, options: AnalysisOptions) -> SettingResult:
+    teacher_seed, alpha, temperature = key["teacher_seed"], key["alpha"], key["temperature"]
+    axes = {axis: key[axis] for axis in AXES}
+    name = f"{_where(teacher_seed)}, {treatment} alpha={alpha:g}"
     name += "" if math.isnan(temperature) else f", T={temperature:g}"
-    name += "" if math.isnan(width) else f", width={width:g}"
+    name += "".join(f", {k}={v:g}" for k, v in axes.items() if not _at_default(k, v))
     kd = wide_table(select_runs(runs, treatment, key), name)
     controls = _control_tables(runs, key, design.controls, name)
-    comparisons = tuple(
-        _compare(kd, wide, c, (teacher_seed, treatment, alpha, temperature), width, options)
-        for c, wide in controls.items()
-    )
+    keys = dict(teacher_seed=teacher_seed, condition=treatment, alpha=alpha,
+                temperature=temperature, **axes)  # fmt: skip
+    comparisons = tuple(_compare(kd, wide, c, keys, options) for c, wide in controls.items())
     verdict_controls = tuple(design.verdict)
     verdict, n_sig, rel, notes = _verdict(comparisons, verdict_controls, options)
     paper, asym_notes = paper_asymmetry(kd, controls, options)
@@ -391,11 +389,20 @@ def _analyse_setting(runs, treatment, setting, design, options: AnalysisOptions)
         asymmetry=robust,
         asymmetry_why=why,
         note="; ".join(notes),
-        width=width,
+        **axes,
         verdict_controls=verdict_controls,
         asymmetry_controls=asymmetry_controls,
         seeds_needed=_seeds_needed(comparisons, verdict_controls),
     )
+
+
+def _where(teacher_seed: int) -> str:
+    return "teachers pooled" if teacher_seed == POOLED else f"teacher seed {teacher_seed}"
+
+
+def _at_default(axis: str, value: float) -> bool:
+    default = AXES[axis]
+    return (math.isnan(default) and math.isnan(value)) or value == default
 
 
 def _control_tables(runs: pd.DataFrame, key, design, label: str) -> dict[str, pd.DataFrame]:
@@ -408,7 +415,7 @@ def _control_tables(runs: pd.DataFrame, key, design, label: str) -> dict[str, pd
     return tables
 
 
-def _compare(kd, control, name, keys, width, options: AnalysisOptions) -> ControlComparison:
+def _compare(kd, control, name, keys: dict, options: AnalysisOptions) -> ControlComparison:
     seeds = kd.index.intersection(control.index)
     tests = []
     for metric in options.metrics:
@@ -424,7 +431,7 @@ def _compare(kd, control, name, keys, width, options: AnalysisOptions) -> Contro
     adjusted = apply_fdr([tests[i] for i in family], options.fdr_q, options.fdr_method)
     for i, test in zip(family, adjusted, strict=True):
         tests[i] = test
-    return ControlComparison(*keys, control=name, n=len(seeds), tests=tuple(tests), width=width)
+    return ControlComparison(**keys, control=name, n=len(seeds), tests=tuple(tests))
 
 
 def _verdict(comparisons, verdict_controls, options) -> tuple[str, int, float, list[str]]:
@@ -503,7 +510,7 @@ def _pairing_notes(kd: pd.DataFrame, comparisons, treatment: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- sweeps
 
-SWEEP_KEYS = ["alpha", "temperature", "width"]
+SWEEP_KEYS = ["alpha", "temperature", *AXES]
 SWEEP_COLUMNS = [*SWEEP_KEYS, "n", "n_teachers", "delta_correct", "sem_correct"]
 SWEEP_COLUMNS += ["delta_incorrect", "sem_incorrect", "asymmetry", "sem_asymmetry"]
 SWEEP_COLUMNS += ["relative_improvement", "n_transfer"]
@@ -556,7 +563,7 @@ def _transfer_by_setting(analysis: Analysis, treatment: str) -> pd.DataFrame:
 
 
 def equivalence_columns(a: str, b: str) -> list[str]:
-    columns = ["teacher_seed", "alpha", "width", "metric", "n", "max_abs_paired_diff"]
+    columns = ["teacher_seed", "alpha", *AXES, "metric", "n", "max_abs_paired_diff"]
     return columns + [f"mean_{a}", f"mean_{b}", "abs_mean_diff"]
 
 
@@ -567,12 +574,12 @@ def equivalence_differences(
     (label smoothing at epsilon = alpha and RCD at the same alpha and T = 1): per (teacher
     seed, alpha, width, metric), over the student seeds both have, the largest |a - b| of a
     paired run and |mean a - mean b|."""
-    runs = with_width(runs)
+    runs = with_axes(runs)
     first = runs[runs["condition"] == a]
     second = runs[runs["condition"] == b]
     for param, value in b_at:
         second = second[np.isclose(second[param], value)]
-    keys = ["teacher_seed", "alpha", "width", "student_seed", "metric"]
+    keys = ["teacher_seed", "alpha", *AXES, "student_seed", "metric"]
     pairs = first[[*keys, "value"]].merge(second[[*keys, "value"]], on=keys, suffixes=("_a", "_b"))
     pairs = pairs[~pairs["metric"].str.startswith("n_teacher")]  # the teacher's, not the run's
     columns = equivalence_columns(a, b)
@@ -592,13 +599,13 @@ def equivalence_differences(
 
 # ----------------------------------------------------------------------------- targeted
 
-TARGETED_KEYS = ["teacher_seed", "condition", "alpha", "temperature", "width", "completion"]
+TARGETED_KEYS = [*SETTING_KEYS, "completion"]
 
 
 def targeted_summary(counts: pd.DataFrame) -> pd.DataFrame:
     """Mean, SEM and n over runs of the prompt-completion counts (kdaudit.store.tables.targeted_counts)
     per (teacher seed, condition, alpha, T, width, completion); a teacher is one run."""
-    counts = with_width(counts).assign(count=counts["count"].astype(np.float64))
+    counts = with_axes(counts).assign(count=counts["count"].astype(np.float64))
     grouped = counts.groupby(TARGETED_KEYS, dropna=False, sort=True)["count"]
     frame = grouped.agg(mean="mean", sem=sem, n="count").reset_index()
     keys = TARGETED_KEYS[:-1]

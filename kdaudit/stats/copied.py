@@ -18,8 +18,9 @@ import pandas as pd
 
 from kdaudit.conditions import is_treatment, order
 
-KEYS = ["teacher_seed", "example", "label", "teacher_prediction"]
-PAIR_KEYS = ["teacher_seed", "label", "teacher_prediction"]
+# teacher_label_noise: one teacher of a teacher-error sweep (absent: one teacher per seed)
+KEYS = ["teacher_seed", "teacher_label_noise", "example", "label", "teacher_prediction"]
+PAIR_KEYS = ["teacher_seed", "teacher_label_noise", "label", "teacher_prediction"]
 NAMES = ["label_name", "teacher_prediction_name"]  # when the data names its labels
 DERIVED = ("treatment_max", "control_max", "excess")
 
@@ -28,6 +29,8 @@ DERIVED = ("treatment_max", "control_max", "excess")
 # the share of that condition's runs that predicted the teacher's wrong class.
 COPIED_COLUMNS = ["teacher_seed", "example", "label", "teacher_prediction", "condition"]
 COPIED_COLUMNS += ["alpha", "temperature", "width", "n_runs", "copy_rate"]
+# a grid's (kdaudit.store.copied): one teacher per (seed, label noise), the teacher-error sweep
+GRID_COPIED_COLUMNS = [COPIED_COLUMNS[0], "teacher_label_noise", *COPIED_COLUMNS[1:]]
 
 
 def rate_column(condition: str, alpha, temperature, width, show_t: bool) -> str:
@@ -75,7 +78,7 @@ def copied_class_pairs(errors: pd.DataFrame) -> pd.DataFrame:
     if errors.empty:
         return pd.DataFrame(columns=[*PAIR_KEYS, "n_examples", "excess"])
     rates = [c for c in errors.columns if c not in (*KEYS, *NAMES, *DERIVED)]
-    keys = [*PAIR_KEYS, *(k for k in NAMES if k in errors.columns)]
+    keys = [k for k in (*PAIR_KEYS, *NAMES) if k in errors.columns]
     grouped = errors.groupby(keys, sort=True)
     pairs = grouped[rates].mean()
     pairs.insert(0, "n_examples", grouped.size())

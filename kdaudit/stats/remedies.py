@@ -2,7 +2,7 @@
 negative asymmetry of KD without losing accuracy against it?
 
 Per setting of a remedy (a condition whose registry entry names `remedy_of`), beside the
-same setting of what it changes (KD at the same teacher seed, alpha, T and width):
+same setting of what it changes (KD at the same teacher seed, alpha, T and grid axes):
 - the transfer verdict and robust asymmetry label of each, and how many of their verdict
   controls' matrix cells (2 controls x 2 scales) are `negative`;
 - accuracy: the means, the Hodges-Lehmann estimate of remedy - KD with its exact 95%
@@ -27,8 +27,9 @@ from kdaudit.stats import (
     SettingResult,
     same_setting,
     select_runs,
+    setting_keys,
     wide_table,
-    with_width,
+    with_axes,
 )
 from kdaudit.stats.paired import paired_wilcoxon
 
@@ -41,7 +42,7 @@ REMEDY_COLUMNS += ["delta_incorrect_vs_of", "removed_negative_asymmetry", "loses
 
 def remedies_frame(runs: pd.DataFrame, analysis: Analysis) -> pd.DataFrame:
     """One row per remedy setting (REMEDY_COLUMNS); empty when the grid has no remedy."""
-    runs = with_width(runs)
+    runs = with_axes(runs)
     rows = []
     for s in analysis.settings:
         entry = CONDITIONS.get(s.condition) if s.condition in CONDITIONS else None
@@ -53,7 +54,7 @@ def remedies_frame(runs: pd.DataFrame, analysis: Analysis) -> pd.DataFrame:
 
 
 def _same_setting(analysis: Analysis, s: SettingResult, condition: str) -> SettingResult | None:
-    """`condition`'s setting at s's teacher seed, alpha, T and width."""
+    """`condition`'s setting at s's teacher seed, alpha, T and grid axes."""
     return next((o for o in analysis.settings if o.condition == condition
                  and o.teacher_seed == s.teacher_seed and same_setting(o, s)), None)  # fmt: skip
 
@@ -65,8 +66,7 @@ def _negative_cells(s: SettingResult | None) -> float:
 
 
 def _row(runs, s: SettingResult, of: SettingResult | None, of_name: str, level: float) -> dict:
-    keys = {k: getattr(s, k) for k in SETTING_KEYS}
-    row = dict(keys, remedy_of=of_name, n=s.n, verdict=s.verdict, asymmetry=s.asymmetry,
+    row = dict(setting_keys(s), remedy_of=of_name, n=s.n, verdict=s.verdict, asymmetry=s.asymmetry,
                negative_cells=_negative_cells(s), of_verdict=of.verdict if of else "",
                of_asymmetry=of.asymmetry if of else "", of_negative_cells=_negative_cells(of))  # fmt: skip
     row.update(_accuracy(runs, s, of_name, level))
@@ -82,8 +82,7 @@ def _row(runs, s: SettingResult, of: SettingResult | None, of_name: str, level: 
 
 def _accuracy(runs: pd.DataFrame, s: SettingResult, of_name: str, level: float) -> dict:
     """Paired accuracy of the remedy against the setting of what it changes."""
-    key = dict(teacher_seed=s.teacher_seed, alpha=s.alpha, temperature=s.temperature,
-               width=s.width)  # fmt: skip
+    key = setting_keys(s)
     accuracy = runs[runs["metric"] == "accuracy"]
     mine = wide_table(select_runs(accuracy, s.condition, key), s.condition)
     theirs = wide_table(select_runs(accuracy, of_name, key), of_name)

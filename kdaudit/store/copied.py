@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kdaudit.protocol import Grid
-from kdaudit.stats.copied import COPIED_COLUMNS
+from kdaudit.stats.copied import GRID_COPIED_COLUMNS
 from kdaudit.store import RunStore, atomic_save_array
 from kdaudit.store.tables import students_test_logits
 
@@ -66,9 +66,10 @@ def stored_label_names(out: str | Path) -> list[str] | None:
 def copied_predictions(
     out: str | Path, grid: Grid, labels: np.ndarray, names: list[str] | None = None
 ) -> pd.DataFrame:
-    """Per teacher seed, teacher-incorrect test example and condition key (condition, alpha,
-    T, width): how many complete runs there are and the share that predicted the teacher's
-    wrong class (COPIED_COLUMNS; with `names`, also label_name and teacher_prediction_name)."""
+    """Per teacher (seed, label noise), teacher-incorrect test example and condition key
+    (condition, alpha, T, width): how many complete runs there are and the share that
+    predicted the teacher's wrong class (GRID_COPIED_COLUMNS; with `names`, also label_name and
+    teacher_prediction_name)."""
     store = RunStore(out)
     labels = np.asarray(labels).reshape(-1)
     frames = []
@@ -92,15 +93,17 @@ def copied_predictions(
             copies.setdefault(key, []).append(pred[wrong] == teacher_pred[wrong])
         for (condition, alpha, temperature, width), hits in copies.items():
             frames.append(pd.DataFrame({
-                "teacher_seed": teacher.teacher_seed, "example": wrong, "label": labels[wrong],
+                "teacher_seed": teacher.teacher_seed,
+                "teacher_label_noise": teacher.label_noise or 0.0,
+                "example": wrong, "label": labels[wrong],
                 "teacher_prediction": teacher_pred[wrong], "condition": condition,
                 "alpha": _float(alpha), "temperature": _float(temperature),
                 "width": _float(width), "n_runs": len(hits),
                 "copy_rate": np.mean(hits, axis=0),
             }))  # fmt: skip
     if not frames:
-        return pd.DataFrame(columns=COPIED_COLUMNS)
-    copied = pd.concat(frames, ignore_index=True)[COPIED_COLUMNS]
+        return pd.DataFrame(columns=GRID_COPIED_COLUMNS)
+    copied = pd.concat(frames, ignore_index=True)[GRID_COPIED_COLUMNS]
     if names is None:
         return copied
     lookup = np.asarray(names, dtype=object)
