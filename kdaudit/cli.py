@@ -356,6 +356,8 @@ def _setting(r) -> str:
         parts.append(f"T={r.temperature:g}")
     if r.width == r.width:  # capacity grids only
         parts.append(f"width={r.width:g}")
+    if getattr(r, "teacher_label_noise", 0.0):  # a teacher-error sweep's noisy teachers
+        parts.append(f"teacher noise={r.teacher_label_noise:g}")
     return " ".join(parts)
 
 

@@ -235,3 +235,16 @@ def test_no_sweep_section_for_one_rate(tmp_path, tiny_config):
     folder = Path(result.report).parent
     assert not (folder / "tables" / "teacher_noise.csv").exists()
     assert "noise" not in (folder / "report.md").read_text().lower()
+
+
+def test_the_report_says_what_the_sweep_tested_and_export_refuses_it(sweep):
+    from kdaudit.compare import CompareError
+    from kdaudit.compare.export import export_manifest
+
+    result, _ = sweep
+    md = (Path(result.report).parent / "report.md").read_text()
+    assert (
+        "2 teachers (" in md and "one per rate of training labels replaced at random: 0, 0.2)" in md
+    )
+    with pytest.raises(CompareError, match="teacher-error sweep .* no manifest form"):
+        export_manifest(result.out)

@@ -55,6 +55,9 @@ def _check_exportable(grid) -> None:
     if any(s.width is not None for s in grid.students):
         raise CompareError("a capacity grid (protocol.student_widths) has no manifest form: "
                            "the manifest has no width column")  # fmt: skip
+    if any(t.label_noise for t in grid.teachers):
+        raise CompareError("a teacher-error sweep (protocol.teacher_label_noise) has no "
+                           "manifest form: the manifest has one teacher per teacher seed")  # fmt: skip
     unknown = sorted({s.condition for s in grid.runs} - set(roles()))
     if unknown:
         raise CompareError(f"condition {unknown[0]} has no manifest role; compare knows "

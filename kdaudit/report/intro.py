@@ -118,10 +118,15 @@ def tested_section(about: About, analysis: Analysis, teachers: pd.DataFrame) -> 
 
 def _setup(about: About, analysis: Analysis, teachers: pd.DataFrame) -> str:
     seeds = sorted(teachers["teacher_seed"].unique()) if not teachers.empty else []
+    rates = _noise_rates(teachers)
     model = f"{about.teacher_model}, " if about.teacher_model else ""
     seeds_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    if rates:  # a teacher-error sweep: one teacher per (seed, rate)
+        seeds_text += (f"; one per rate of training labels replaced at random: "
+                       f"{', '.join(f'{r:g}' for r in rates)}")  # fmt: skip
+    count = len(teachers) if rates else len(seeds)
     teacher = ("A pretrained teacher" if about.pretrained_teacher
-               else f"{_count(len(seeds), 'teacher')} ({model}{seeds_text})")  # fmt: skip
+               else f"{_count(count, 'teacher')} ({model}{seeds_text})")  # fmt: skip
     data = f" on {about.dataset}" if about.dataset else ""
     accuracy = _teacher_accuracy(teachers, about)
     students = ("students of the same architecture, starting from the teacher's own initial "
@@ -132,9 +137,17 @@ def _setup(about: About, analysis: Analysis, teachers: pd.DataFrame) -> str:
                        for t in treatments)  # fmt: skip
     n = max((s.n for s in analysis.settings), default=0)
     trained = f", trained{data}{accuracy}," if data or accuracy else ""
-    verb = "were" if len(seeds) > 1 else "was"
+    verb = "were" if count > 1 else "was"
     return (f"{teacher}{trained} {verb} distilled into {students}, by {how}, at "
             f"{_settings(analysis)}, with up to {n} paired student seeds per setting.")  # fmt: skip
+
+
+def _noise_rates(teachers: pd.DataFrame) -> list[float]:
+    """The teacher-error sweep's label-noise rates, when there is more than one."""
+    if "teacher_label_noise" not in teachers:
+        return []
+    rates = sorted(teachers["teacher_label_noise"].fillna(0.0).unique())
+    return rates if len(rates) > 1 else []
 
 
 def _teacher_accuracy(teachers: pd.DataFrame, about: About) -> str:
