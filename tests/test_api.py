@@ -163,7 +163,8 @@ def test_a_factory_whose_initialisation_changed_gets_new_run_ids(splits, tmp_pat
     again = kdaudit.audit(net(1.0), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
     assert again.outcome.completed == 0  # the same factory resumes
     with pytest.raises(ConfigError, match=r"holds the audit of another config .* differs in "
-                                          r"model\.fingerprint"):  # fmt: skip
+                                          r"model\.fingerprint.* Give another out, or "
+                                          r"force_new_config=True"):  # fmt: skip
         kdaudit.audit(net(0.5), *splits, out=tmp_path / "out", teacher_seeds=(0,), **grid)
     assert _record_times(tmp_path / "out") == before
     other = kdaudit.audit(net(0.5), *splits, out=tmp_path / "out", teacher_seeds=(0,),

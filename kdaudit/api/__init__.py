@@ -135,7 +135,7 @@ def audit(
         save_weights=run_options.save_weights,
     )  # fmt: skip
     if not run_options.force_new_config:
-        check_same_config(out, cfg, "this audit() call")
+        check_same_config(out, cfg, "this audit() call", ("out", "force_new_config=True"))
     created = save_pretrained_teacher(cfg, teacher)
     try:
         check_models(expand(cfg), data)  # loads the teacher's checkpoint

@@ -32,9 +32,10 @@ def check_writable(out: str | Path, what: str = "run directory",
                           f"writable (chmod u+w {shown})")  # fmt: skip
 
 
-def check_same_config(out: str | Path, cfg: ExperimentConfig, source: Any = None) -> None:
+def check_same_config(out: str | Path, cfg: ExperimentConfig, source: Any = None,
+                      flags: tuple[str, str] = ("--out", "--force-new-config")) -> None:  # fmt: skip
     """`out` holds no complete run of another config. `source` names the new config (its
-    file) in the message."""
+    file) in the message, `flags` the options that choose another directory or force it."""
     from kdaudit.store import RunStore
 
     store = RunStore(out)
@@ -47,7 +48,7 @@ def check_same_config(out: str | Path, cfg: ExperimentConfig, source: Any = None
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         new = source if isinstance(source, str | Path) else "the config given"
         raise ConfigError(f"{out} holds the audit of another config ({saved}); {new} differs "
-                          f"in {shown}{more}. Give another --out, or --force-new-config to run "
+                          f"in {shown}{more}. Give another {flags[0]}, or {flags[1]} to run "
                           "it here (the old runs are kept, the report becomes this config's)")  # fmt: skip
 
 
