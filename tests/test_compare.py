@@ -387,7 +387,11 @@ def test_compare_writes_the_copied_mistakes_tables(audit, tmp_path):
         got = table.set_index("example").loc[wrong, column].to_numpy()
         assert np.allclose(got, expected), role
     assert (tmp_path / "out" / "report" / "tables" / "copied_class_pairs.csv").is_file()
-    assert "## Which mistakes were copied" in (tmp_path / "out/report/report.md").read_text()
+    md = (tmp_path / "out/report/report.md").read_text()
+    assert "## Which mistakes were copied" in md
+    # what was tested, as far as logits can tell: no claim about how the students were made
+    assert "students trained outside kdaudit (their saved test logits are compared)" in md
+    assert "self-distillation" not in md[: md.index("## Verdicts")]
 
 
 def test_too_many_teacher_mistakes_leave_the_tables_out_with_a_note(audit, tmp_path, monkeypatch):

@@ -106,7 +106,11 @@ def compare(
         title=f"kdaudit compare: {spec.path.stem}",
         meta=_meta(spec, layout, notes, metrics),
         copied=copied,
-        about=About(num_classes=layout.k, approximate_metrics=_marked(spec, layout, metrics)),
+        about=About(
+            num_classes=layout.k,
+            approximate_metrics=_marked(spec, layout, metrics),
+            trained_here=False,
+        ),
     )
     return AuditResult(out, runs, teachers, result, report, notes=tuple(notes))
 

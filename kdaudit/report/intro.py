@@ -59,6 +59,7 @@ class About:
     pretrained_teacher: bool = False
     approximate_metrics: tuple[str, ...] = ()  # computed from top-k inputs: marked as such
     smoke: bool = False  # a smoke run (kdaudit run --smoke): a check of the config, no evidence
+    trained_here: bool = True  # False: models trained elsewhere (compare), their setup unknown
 
     @property
     def incomplete(self) -> bool:
@@ -132,6 +133,8 @@ def _setup(about: About, analysis: Analysis, teachers: pd.DataFrame) -> str:
     students = ("students of the same architecture, starting from the teacher's own initial "
                 "weights (self-distillation)") if about.student_model is None else (
                 f"students of another architecture ({about.student_model})")  # fmt: skip
+    if not about.trained_here:
+        students = "students trained outside kdaudit (their saved test logits are compared)"
     treatments = sorted({s.condition for s in analysis.settings}, key=_order)
     how = " and ".join(f"{_name(t)} ({condition(t).plain})" if condition(t).plain else _name(t)
                        for t in treatments)  # fmt: skip
