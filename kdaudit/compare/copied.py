@@ -15,7 +15,7 @@ import pandas as pd
 from kdaudit.compare.files import TopkFile, open_logits
 from kdaudit.compare.manifest import Manifest, ModelRow
 from kdaudit.metrics.streaming import top1_predictions
-from kdaudit.stats.copied import COPIED_COLUMNS
+from kdaudit.stats.copied import COPIED_COLUMNS, copy_rates
 
 MAX_EXAMPLES = 200_000  # teacher-incorrect examples per teacher
 
@@ -37,9 +37,10 @@ def copied_predictions(spec: Manifest, labels, chunk_size: int) -> tuple[pd.Data
             pred = _top1(row, labels, chunk_size)
             key = (row.role, row.alpha, row.temperature)
             hits.setdefault(key, []).append(pred[wrong] == teacher_pred[wrong])
-        frames += [
-            _frame(teacher.seed, wrong, flat, teacher_pred, key, h) for key, h in hits.items()
-        ]
+        for (condition, alpha, temperature), h in hits.items():
+            keys = dict(teacher_seed=teacher.seed, condition=condition, alpha=alpha,
+                        temperature=temperature, width=None)  # fmt: skip
+            frames.append(copy_rates(keys, wrong, flat, teacher_pred, h))
     if not frames:
         return pd.DataFrame(columns=COPIED_COLUMNS), ""
     return pd.concat(frames, ignore_index=True)[COPIED_COLUMNS], ""
@@ -52,14 +53,3 @@ def _top1(row: ModelRow, labels, chunk_size: int) -> np.ndarray:
         return top1_predictions(source, labels, chunk_size=chunk_size)
     finally:
         array.close()
-
-
-def _frame(seed, wrong, labels, teacher_pred, key, hits) -> pd.DataFrame:
-    condition, alpha, temperature = key
-    return pd.DataFrame({
-        "teacher_seed": seed, "example": wrong, "label": labels[wrong],
-        "teacher_prediction": teacher_pred[wrong], "condition": condition,
-        "alpha": np.nan if alpha is None else float(alpha),
-        "temperature": np.nan if temperature is None else float(temperature),
-        "width": np.nan, "n_runs": len(hits), "copy_rate": np.mean(hits, axis=0),
-    })  # fmt: skip

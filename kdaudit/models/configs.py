@@ -75,7 +75,7 @@ class FactoryModelConfig:
 @dataclass(frozen=True)
 class InMemoryModelConfig:
     factory: str  # module:qualname, for people reading the config
-    fingerprint: str  # architecture and name: the key of the factory in this process
+    fingerprint: str  # name, architecture, seed-0 weights: the factory's key in this process
     name: str = "in_memory"
 
 

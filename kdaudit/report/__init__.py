@@ -27,7 +27,16 @@ from kdaudit import __version__
 from kdaudit.conditions import CONDITIONS, label
 from kdaudit.metrics import TOPK_MARK
 from kdaudit.report import figures, fmt, html, intro, latex, markdown, tables
-from kdaudit.report.blocks import Bullets, Details, Figure, Notice, Paragraph, Section, Table
+from kdaudit.report.blocks import (
+    Bullets,
+    Details,
+    Figure,
+    Legend,
+    Notice,
+    Paragraph,
+    Section,
+    Table,
+)
 from kdaudit.report.intro import About
 from kdaudit.report.summary import summary_json
 from kdaudit.report.text import (
@@ -301,7 +310,7 @@ def _verdict_section(analysis: Analysis, matrix_png: bytes, about: About) -> Sec
     )
     blocks = [
         Bullets(evidence, classes=classes, leads=leads),
-        intro.legend(),
+        Legend(intro.LEGEND),
         tables.headline_table(analysis),
         Figure(MATRIX_FIGURE, caption, matrix_png),
         Details("Verdicts as a table", (tables.verdicts_table(analysis),)),

@@ -13,7 +13,7 @@ import pandas as pd
 
 from kdaudit.conditions import CONDITIONS, condition
 from kdaudit.report import fmt
-from kdaudit.report.blocks import Bullets, Details, Legend, Paragraph, Section
+from kdaudit.report.blocks import Bullets, Details, Paragraph, Section
 from kdaudit.stats import POOLED, Analysis, SettingResult
 
 CHANCE_MARGIN = 0.05  # a teacher within 5 points of chance (1/K) is near chance
@@ -214,10 +214,6 @@ def headline(s: SettingResult, incomplete: bool = False) -> str:
     return f"(Incomplete grid) {text}" if incomplete else text
 
 
-def legend() -> Legend:
-    return Legend(LEGEND)
-
-
 # ---------------------------------------------------------------- what stands out
 
 
@@ -370,8 +366,3 @@ TERMS = (
         "the Hodges-Lehmann estimate of treatment − control with its exact 95% interval.",
     ),
 )
-
-
-def evidence_note() -> Paragraph:
-    return Paragraph("Each verdict in bold, then its evidence: the tests, effect sizes and "
-                     "intervals behind it.")  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from kdaudit.conditions import is_treatment, order
@@ -31,6 +32,17 @@ COPIED_COLUMNS = ["teacher_seed", "example", "label", "teacher_prediction", "con
 COPIED_COLUMNS += ["alpha", "temperature", "width", "n_runs", "copy_rate"]
 # a grid's (kdaudit.store.copied): one teacher per (seed, label noise), the teacher-error sweep
 GRID_COPIED_COLUMNS = [COPIED_COLUMNS[0], "teacher_label_noise", *COPIED_COLUMNS[1:]]
+
+
+def copy_rates(keys: dict, wrong, labels, teacher_pred, hits) -> pd.DataFrame:
+    """The rows of one teacher and one condition key (`keys`: teacher_seed, condition,
+    alpha, temperature, width, ...; None as NaN): per teacher-incorrect example (`wrong`
+    indices), its label, the teacher's prediction and the share of the runs (`hits`: one
+    bool array per run over `wrong`) that predicted the teacher's wrong class."""
+    keys = {k: np.nan if v is None else v for k, v in keys.items()}
+    return pd.DataFrame({**keys, "example": wrong, "label": labels[wrong],
+                         "teacher_prediction": teacher_pred[wrong], "n_runs": len(hits),
+                         "copy_rate": np.mean(hits, axis=0)})  # fmt: skip
 
 
 def rate_column(condition: str, alpha, temperature, width, show_t: bool) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kdaudit.protocol import Grid
-from kdaudit.stats.copied import GRID_COPIED_COLUMNS
+from kdaudit.stats.copied import GRID_COPIED_COLUMNS, copy_rates
 from kdaudit.store import RunStore, atomic_save_array
 from kdaudit.store.tables import students_test_logits
 
@@ -92,15 +92,10 @@ def copied_predictions(
             key = (spec.condition, spec.alpha, spec.temperature, spec.width)
             copies.setdefault(key, []).append(pred[wrong] == teacher_pred[wrong])
         for (condition, alpha, temperature, width), hits in copies.items():
-            frames.append(pd.DataFrame({
-                "teacher_seed": teacher.teacher_seed,
-                "teacher_label_noise": teacher.label_noise or 0.0,
-                "example": wrong, "label": labels[wrong],
-                "teacher_prediction": teacher_pred[wrong], "condition": condition,
-                "alpha": _float(alpha), "temperature": _float(temperature),
-                "width": _float(width), "n_runs": len(hits),
-                "copy_rate": np.mean(hits, axis=0),
-            }))  # fmt: skip
+            keys = dict(teacher_seed=teacher.teacher_seed,
+                        teacher_label_noise=teacher.label_noise or 0.0, condition=condition,
+                        alpha=alpha, temperature=temperature, width=width)  # fmt: skip
+            frames.append(copy_rates(keys, wrong, labels, teacher_pred, hits))
     if not frames:
         return pd.DataFrame(columns=GRID_COPIED_COLUMNS)
     copied = pd.concat(frames, ignore_index=True)[GRID_COPIED_COLUMNS]
@@ -109,7 +104,3 @@ def copied_predictions(
     lookup = np.asarray(names, dtype=object)
     return copied.assign(label_name=lookup[copied["label"].to_numpy()],
                          teacher_prediction_name=lookup[copied["teacher_prediction"].to_numpy()])  # fmt: skip
-
-
-def _float(x) -> float:
-    return np.nan if x is None else float(x)
