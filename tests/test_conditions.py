@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from kdaudit.conditions import CONDITIONS, Condition
-from kdaudit.conditions.objectives import Batch, build_objective, distillation_loss
+from kdaudit.conditions.objectives import (
+    VECTOR_CLASSES,
+    Batch,
+    build_objective,
+    distillation_loss,
+    log_softmax,
+    softened,
+)
 from kdaudit.engine.teachers import cached_targets, model_targets
 
 
@@ -119,3 +126,86 @@ def test_model_targets_run_the_teacher_on_the_augmented_batch():
     targets = model_targets(teacher)(Batch(torch.arange(6), x, torch.zeros(6, dtype=torch.long)))
     assert not teacher.training and not targets.requires_grad
     torch.testing.assert_close(targets, teacher[0](x))
+
+
+@pytest.mark.parametrize("classes", [10, 65, 1000])
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_kd_targets_from_the_cached_table_equal_a_per_batch_log_softmax_bit_for_bit(classes, T):
+    """The table of softened targets, made once, gives the rows that computing them per batch
+    gives: the cached path changes no bit of any student (and so no paired result)."""
+    gen = torch.Generator().manual_seed(classes)
+    logits = torch.randn(3000, classes, generator=gen) * torch.rand(3000, 1, generator=gen) * 30
+    targets = cached_targets(logits)
+    for size in (1, 7, 128, 3000):
+        idx = torch.randint(len(logits), (size,), generator=gen)
+        batch = Batch(idx, torch.empty(0), torch.zeros(size, dtype=torch.long))
+        assert torch.equal(targets(batch), logits[idx])
+        table_rows = targets.log_probs(batch, T, torch.float32)
+        per_batch = softened(lambda b: logits[b.idx], batch, T, torch.float32)
+        assert torch.equal(table_rows, per_batch)
+        torch.testing.assert_close(table_rows, F.log_softmax(logits[idx] / T, dim=-1))
+    assert len(targets._tables) == 1  # one table per temperature, not one per batch
+
+
+def test_kd_trains_the_same_student_from_cached_logits_as_from_the_logits_per_batch():
+    """The whole KD objective (loss and gradient) with the table, against the same objective
+    given the teacher's logits per batch (no table): equal bit for bit at T = 1 and T = 2."""
+    gen = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(500, 10, generator=gen) * 4
+    y = torch.randint(10, (500,), generator=gen)
+    for T in (1.0, 2.0):
+        grads = []
+        for teacher in (cached_targets(teacher_logits), lambda b: teacher_logits[b.idx]):
+            objective = build_objective("kd", 0.5, T, 10, teacher)
+            z = torch.randn(64, 10, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            idx = torch.arange(64) * 7
+            loss = objective(z, Batch(idx, torch.empty(0), y[idx]))
+            loss.backward()
+            grads.append((loss.detach(), z.grad))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10, 15, 16, 65])
+def test_the_losses_log_softmax_is_torchs_function_and_gradient(classes):
+    """The padded form (fewer than VECTOR_CLASSES classes on the CPU) against torch's
+    log_softmax in float64, values and gradients, with rows of extreme logits, a -inf logit
+    (a class ruled out) and a row of equal logits."""
+    gen = torch.Generator().manual_seed(classes)
+    z = torch.randn(200, classes, generator=gen) * 20
+    z[0] = 0.0
+    z[1, 0] = 1e4
+    z[2, -1] = -1e4
+    if classes > 1:
+        z[3, 1] = -math.inf
+    z.requires_grad_()
+    out = log_softmax(z)
+    assert out.shape == z.shape and out.dtype == z.dtype
+    reference = F.log_softmax(z.detach().double(), dim=-1)
+    finite = torch.isfinite(reference)
+    torch.testing.assert_close(out[finite].double(), reference[finite], rtol=1e-6, atol=1e-5)
+    assert torch.equal(torch.isinf(out), torch.isinf(reference))
+    weights = torch.randn(200, classes, generator=gen).masked_fill(~finite, 0)
+    (grad,) = torch.autograd.grad((out.masked_fill(~finite, 0) * weights).sum(), z)
+    z64 = z.detach().double().requires_grad_()
+    ref = F.log_softmax(z64, dim=-1)
+    (grad64,) = torch.autograd.grad((ref.masked_fill(~finite, 0) * weights.double()).sum(), z64)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-5)
+    padded = classes < VECTOR_CLASSES
+    assert padded == (classes in (2, 3, 10, 15))
+
+
+def test_rcd_closed_form_equals_the_kd_form_with_a_uniform_target():
+    """RCD's KL(u || q) = -log K - mean(log q) against distillation_loss with the target
+    log(1/K) for every class, at T = 1 and T = 3: loss and gradient."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randint(10, (64,), generator=gen)
+    for T in (1.0, 3.0):
+        z = (torch.randn(64, 10, generator=gen) * 5).requires_grad_()
+        loss = build_objective("rcd", 0.7, T, 10)(z, _batch(y.tolist()))
+        uniform = torch.full((1, 10), -math.log(10))
+        z2 = z.detach().double().requires_grad_()
+        reference = distillation_loss(z2, y, uniform.double(), 0.7, T)
+        torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-6)
+        (g,) = torch.autograd.grad(loss, z)
+        (g2,) = torch.autograd.grad(reference, z2)
+        torch.testing.assert_close(g.double(), g2, rtol=1e-5, atol=1e-7)

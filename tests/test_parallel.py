@@ -139,3 +139,40 @@ def test_the_default_stores_the_same_runs_as_one_at_a_time_bit_for_bit(tiny_conf
     if cpu_count() > 1:  # several workers ran, and the display showed each one's runs
         assert {c[1] for c in shown.calls if c[0] == "start"} == set(range(min(cpu_count(), 7)))
     assert sum(c[0] == "end" for c in shown.calls) == 7
+
+
+def test_the_direct_step_hands_back_to_torch_optim_when_a_parameter_has_no_gradient():
+    """A parameter without a gradient in one step (a branch unused at steps 4 and 8): the
+    direct path, taken at steps 1 to 3, hands back to torch.optim with a count per parameter
+    again (one shared count would be advanced once per entry of torch's list), and torch.optim
+    steps from then on, the counts now differing. Bit for bit torch.optim's update throughout."""
+    cfg = TrainConfig(optimizer="adam", lr=0.01)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    params, kernel_calls = {}, []
+    for direct in (False, True):
+        torch.manual_seed(0)
+        trunk, head, spare = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
+        model = torch.nn.ModuleList([trunk, head, spare])
+        opt = make_optimizer(model.parameters(), cfg)
+        update = Update(opt)
+        kernel = update.kernel
+        update.kernel = lambda *a, _kernel=kernel, **k: (kernel_calls.append(1), _kernel(*a, **k))
+        for step in range(12):
+            h = trunk(x).relu()
+            loss = torch.nn.functional.cross_entropy(head(h), y)
+            if step not in (4, 8):
+                loss = loss + torch.nn.functional.cross_entropy(spare(h), y)
+            if direct:
+                update.zero_grad()
+                loss.backward()
+                update.step()
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        params[direct] = [p.detach().clone() for p in model.parameters()]
+        counts = [float(opt.state[p]["step"]) for p in model.parameters()]
+        assert counts == [12, 12, 12, 12, 10, 10]  # every parameter's own count, as torch keeps
+    assert len(kernel_calls) == 3  # steps 1 to 3 took the direct path
+    for a, b in zip(params[False], params[True], strict=True):
+        assert torch.equal(a, b)

@@ -112,17 +112,21 @@ def test_every_condition_of_a_student_seed_sees_the_same_minibatches(tiny_config
 
 def test_alpha_zero_kd_rcd_ls_reproduce_siddo_bit_for_bit(tiny_config, tmp_path):
     """With alpha = 0 the teacher term vanishes: if init, batches and RNG draws are truly
-    paired, KD, RCD and LS must train exactly the SIDDO model."""
-    cfg = load_config(tiny_config, ["protocol.alphas=[0.0]", "protocol.temperatures=[2.0]",
+    paired, KD, RCD and LS must train exactly the SIDDO model, at T = 1 (the default) and 2."""
+    cfg = load_config(tiny_config, ["protocol.alphas=[0.0]", "protocol.temperatures=[1.0, 2.0]",
                                     "protocol.conditions=[siddo, kd, rcd, ls]"])  # fmt: skip
     out = tmp_path / "out"
     run_local(cfg, out, "cpu")
     store, grid = RunStore(out), expand(cfg)
     for seed in (10, 11):
-        logits = {s.condition: np.asarray(store.array(s.run_id, "test_logits"))
+        logits = {(s.condition, s.temperature): np.asarray(store.array(s.run_id, "test_logits"))
                   for s in grid.students if s.student_seed == seed}  # fmt: skip
-        for name in ("kd", "rcd", "ls"):
-            np.testing.assert_array_equal(logits[name], logits["siddo"])
+        siddo = next(v for (name, _), v in logits.items() if name == "siddo")
+        others = [key for key in logits if key[0] != "siddo"]
+        assert {key for key in others if key[0] != "ls"} == {
+            (c, t) for c in ("kd", "rcd") for t in (1.0, 2.0)}  # fmt: skip
+        for key in others:
+            np.testing.assert_array_equal(logits[key], siddo, err_msg=str(key))
 
 
 def test_smoke_shrinks_grid_and_steps(tiny_config):

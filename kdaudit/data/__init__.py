@@ -64,8 +64,10 @@ class TensorData:
         return self.train_x.device
 
     def train_batch(self, idx: torch.Tensor, augment: str = "none"):
-        """Model inputs (B, ...) and labels (B,) of the training examples idx."""
-        return self.inputs(self.train_x[idx], augment), self.train_y[idx]
+        """Model inputs (B, ...) and labels (B,) of the training examples idx (B,).
+        index_select: the rows that x[idx] gives, several times faster on the CPU."""
+        x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
+        return self.inputs(x, augment), y
 
     def eval_batches(self, split: str, batch_size: int):
         """(inputs, None) in order over a split; None: every output row is an example."""

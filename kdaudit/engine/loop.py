@@ -75,9 +75,11 @@ class Update:
     """Each step's `zero_grad(set_to_none=True)` and `step()` of an optimizer. A fused Adam
     or AdamW (make_optimizer's) is stepped by calling its kernel directly once its state
     exists: the call torch.optim makes, on the same tensors with the same arguments, so
-    bitwise the same update (tests/test_engine.py), without the per-call bookkeeping around
+    bitwise the same update (tests/test_parallel.py), without the per-call bookkeeping around
     it (hooks, profiler scopes, grouping tensors by device and dtype), which on the CPU costs
-    about a tenth of a small MLP's step. Anything else goes through `optimizer.step()`."""
+    about a tenth of a small MLP's step. Its parameters then share one step count, advanced
+    by one add a step instead of one per parameter: they all step together, so every count
+    is the same number. Anything else goes through `optimizer.step()`."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -93,6 +95,7 @@ class Update:
     def step(self) -> None:
         grads = [p.grad for p in self.params]
         if self.kernel is None or self.state is None or any(g is None for g in grads):
+            self._own_counts()
             self.optimizer.step()  # the first step makes the state; a param without a grad
             self.state = self._state() if self.kernel is not None else None
             return
@@ -102,18 +105,35 @@ class Update:
     def _kernel(self, grads: list[torch.Tensor]) -> None:
         exp_avgs, exp_avg_sqs, steps = self.state
         g = self.group
-        torch._foreach_add_(steps, 1)
+        steps[0].add_(1)  # the one count every parameter's entry is
         self.kernel(self.params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
                     lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1],
                     weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
                     grad_scale=None, found_inf=None)  # fmt: skip
 
     def _state(self) -> tuple[list, list, list] | None:
+        """The kernel's state lists, with one step count shared by all parameters; None
+        (torch.optim steps) before the state exists or when the counts differ."""
         states = [self.optimizer.state.get(p, {}) for p in self.params]
         if not all("exp_avg" in s for s in states):
             return None
+        count = states[0]["step"]
+        if not all(torch.equal(s["step"], count) for s in states):
+            return None
+        for s in states:
+            s["step"] = count
         return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states])  # fmt: skip
+                [count] * len(states))  # fmt: skip
+
+    def _own_counts(self) -> None:
+        """Before torch.optim steps again: a count of its own per parameter, as it keeps
+        them (it adds one to every entry of its list, which a shared one would take n times)."""
+        if self.state is None:
+            return
+        for p in self.params:
+            state = self.optimizer.state[p]
+            state["step"] = state["step"].clone()
+        self.state = None
 
 
 def _fused_kernel(optimizer: torch.optim.Optimizer):

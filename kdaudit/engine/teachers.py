@@ -32,7 +32,7 @@ import torch
 
 from kdaudit.conditions import condition
 from kdaudit.conditions.features import PROBE, FeatureSetup
-from kdaudit.conditions.objectives import Batch, Objective, TeacherTargets
+from kdaudit.conditions.objectives import Batch, CachedTargets, Objective, TeacherTargets
 from kdaudit.engine.evaluate import predict
 from kdaudit.metrics.streaming import accuracy_and_loss
 from kdaudit.models import build_model
@@ -111,7 +111,9 @@ def with_teacher_labels(spec: RunSpec, data, objective: Objective) -> Objective:
     if not spec.is_teacher or spec.label_noise is None:
         return objective
     labels = teacher_labels(spec, data)
-    return lambda logits, batch: objective(logits, replace(batch, y=labels[batch.idx]))
+    return lambda logits, batch: objective(
+        logits, replace(batch, y=labels.index_select(0, batch.idx))
+    )
 
 
 def label_noise_record(spec: RunSpec, data, train_logits: np.ndarray | None) -> dict:
@@ -128,9 +130,9 @@ def label_noise_record(spec: RunSpec, data, train_logits: np.ndarray | None) -> 
     return record
 
 
-def cached_targets(train_logits: torch.Tensor) -> TeacherTargets:
+def cached_targets(train_logits: torch.Tensor) -> CachedTargets:
     """The teacher's logits on the unaugmented training set (N, K), looked up per batch."""
-    return lambda batch: train_logits[batch.idx]
+    return CachedTargets(train_logits)
 
 
 def model_targets(teacher: torch.nn.Module) -> TeacherTargets:
