@@ -25,6 +25,16 @@ def _ctx(device="cpu") -> RunContext:
     return RunContext(out="out", device=device, threads=1, data_dir=None, grid_token="t")
 
 
+def _step(loss: torch.Tensor, stepper) -> None:
+    """One update, by kdaudit's Update or by the torch.optim optimizer as torch documents it."""
+    if isinstance(stepper, Update):
+        stepper.zero_grad()
+    else:
+        stepper.zero_grad(set_to_none=True)
+    loss.backward()
+    stepper.step()
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_the_direct_fused_step_equals_torch_optim_bit_for_bit(optimizer, schedule):
@@ -39,14 +49,7 @@ def test_the_direct_fused_step_equals_torch_optim_bit_for_bit(optimizer, schedul
         assert update.kernel is not None  # make_optimizer's Adam is fused: the direct path
         for step in range(30):
             loss = torch.nn.functional.cross_entropy(model(x[step % 4 :: 4]), y[step % 4 :: 4])
-            if direct:
-                update.zero_grad()
-                loss.backward()
-                update.step()
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            _step(loss, update if direct else opt)
             if sched is not None:
                 sched.step()
         params[direct] = [p.detach().clone() for p in model.parameters()]
@@ -162,14 +165,7 @@ def test_the_direct_step_hands_back_to_torch_optim_when_a_parameter_has_no_gradi
             loss = torch.nn.functional.cross_entropy(head(h), y)
             if step not in (4, 8):
                 loss = loss + torch.nn.functional.cross_entropy(spare(h), y)
-            if direct:
-                update.zero_grad()
-                loss.backward()
-                update.step()
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            _step(loss, update if direct else opt)
         params[direct] = [p.detach().clone() for p in model.parameters()]
         counts = [float(opt.state[p]["step"]) for p in model.parameters()]
         assert counts == [12, 12, 12, 12, 10, 10]  # every parameter's own count, as torch keeps
