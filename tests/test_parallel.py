@@ -2,16 +2,25 @@
 their progress display, the optimizer step without torch.optim's bookkeeping, and the
 default grid's results against one run at a time, bit for bit."""
 
+import functools
+import os
+import shutil
+import threading
+import time
+from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kdaudit.config import TrainConfig, load_config
+from kdaudit.engine import teachers as teachers_module
 from kdaudit.engine.loop import Update, make_optimizer, make_schedule
 from kdaudit.executors import ExecutorConfig, run_grid
-from kdaudit.executors.core import RunContext, cpu_count
-from kdaudit.executors.local import POOL_MIN_STEPS, local_workers
+from kdaudit.executors.core import RunContext, attempt, blocked, cpu_count, release_worker_state
+from kdaudit.executors.local import POOL_MIN_STEPS, _early, _requeue, local_workers
 from kdaudit.executors.progress import Lanes
 from kdaudit.protocol import expand
 from kdaudit.store import RunStore
@@ -172,3 +181,122 @@ def test_the_direct_step_hands_back_to_torch_optim_when_a_parameter_has_no_gradi
     assert len(kernel_calls) == 3  # steps 1 to 3 took the direct path
     for a, b in zip(params[False], params[True], strict=True):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------- students beside their teacher
+
+
+def _grid_ctx(cfg, out) -> RunContext:
+    return RunContext(out=str(out), device="cpu", threads=1, data_dir=None, grid_token="g",
+                      plan=expand(cfg).plan)  # fmt: skip
+
+
+def _teacher_arrives(config, source: Path, out: Path, teacher_id: str, after: float,
+                     fail: bool = False) -> threading.Thread:  # fmt: skip
+    """The teacher of `out`, running now: after `after` seconds its run (copied from the
+    complete one in `source`) lands in `out`, or it fails."""
+    store = RunStore(out)
+    store.mark_running(teacher_id)
+
+    def land():
+        time.sleep(after)
+        try:
+            if fail:
+                spec = next(s for s in expand(config).runs if s.run_id == teacher_id)
+                store.write_failure(spec, "NonFiniteLoss: test", "", 3)
+            else:
+                staging = out / f"staging-{teacher_id}"
+                shutil.copytree(Path(source) / "runs" / teacher_id, staging)
+                store.runs.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, store.runs / teacher_id)
+        finally:  # the test fails (not hangs) if the teacher could not land
+            store.clear_running(teacher_id)
+
+    thread = threading.Thread(target=land)
+    thread.start()
+    return thread
+
+
+def test_a_student_trained_beside_its_teacher_waits_for_it_and_equals_one_trained_after(
+    tiny_config, tmp_path
+):
+    """SIDDO started early (while its teacher 'runs' in another thread): it trains, waits
+    for the teacher, and is then compared with it: the same record and logits, bit for bit,
+    as the same student run after its teacher in the ordinary order."""
+    cfg = load_config(tiny_config)
+    grid = expand(cfg)
+    teacher = grid.teachers[0]
+    siddo = next(s for s in grid.students if s.condition == "siddo")
+    ordinary = tmp_path / "ordinary"
+    run_grid(cfg, ordinary, ExecutorConfig(workers=1), "cpu")
+    out = tmp_path / "early"
+    RunStore(out).save_experiment(cfg)
+    arrival = _teacher_arrives(cfg, ordinary, out, teacher.run_id, after=1.5)
+    start = time.monotonic()
+    result = attempt(siddo, _grid_ctx(cfg, out), early=True)
+    arrival.join()
+    release_worker_state()
+    assert result.status == "complete" and time.monotonic() - start >= 1.5  # it waited
+    early, after = RunStore(out).record(siddo.run_id), RunStore(ordinary).record(siddo.run_id)
+    assert early["similarity"] == after["similarity"] and early["metrics"] == after["metrics"]
+    np.testing.assert_array_equal(RunStore(out).array(siddo.run_id, "test_logits"),
+                                  RunStore(ordinary).array(siddo.run_id, "test_logits"))  # fmt: skip
+
+
+def test_a_student_beside_a_teacher_that_fails_is_blocked_not_failed(tiny_config, tmp_path):
+    cfg = load_config(tiny_config)
+    grid = expand(cfg)
+    teacher, rcd = grid.teachers[0], next(s for s in grid.students if s.condition == "rcd")
+    out = tmp_path / "early"
+    RunStore(out).save_experiment(cfg)
+    arrival = _teacher_arrives(cfg, tmp_path, out, teacher.run_id, after=0.5, fail=True)
+    result = attempt(rcd, _grid_ctx(cfg, out), early=True)
+    arrival.join()
+    release_worker_state()
+    store = RunStore(out)
+    assert result.status == "blocked"
+    assert not store.is_complete(rcd.run_id) and store.failure(rcd.run_id) is None
+    assert not store.is_running(rcd.run_id)
+
+
+def test_a_student_whose_teacher_is_not_running_stops_waiting(tiny_config, tmp_path, monkeypatch):
+    """Neither complete, nor failed, nor running (its worker died): blocked after `patience`."""
+    cfg = load_config(tiny_config)
+    siddo = next(s for s in expand(cfg).students if s.condition == "siddo")
+    out = tmp_path / "early"
+    RunStore(out).save_experiment(cfg)
+    monkeypatch.setattr(teachers_module, "wait_for_teacher",
+                        functools.partial(teachers_module.wait_for_teacher, patience=0.3))  # fmt: skip
+    result = attempt(siddo, _grid_ctx(cfg, out), early=True)
+    release_worker_state()
+    assert result.status == "blocked" and not RunStore(out).is_complete(siddo.run_id)
+
+
+def test_only_students_that_train_without_their_teacher_start_early(tiny_config, tmp_path):
+    grid = expand(load_config(tiny_config))
+    teacher = grid.teachers[0]
+    store = RunStore(tmp_path / "out")
+    in_flight = {"future": teacher}
+    waiting = {teacher.run_id: list(grid.students)}
+    assert _early(waiting, in_flight, 0, store) == []
+    assert _early(waiting, {}, 3, store) == []  # its teacher is not in flight
+    early = _early(waiting, in_flight, 3, store)
+    assert {s.condition for s in early} == {"siddo", "rcd"} and len(early) == 3
+    assert [s.condition for s in waiting[teacher.run_id]].count("kd") == 2
+    assert all(s not in waiting[teacher.run_id] for s in early)
+    store.write_failure(teacher, "an old failure, retried now", "", None)
+    assert _early(waiting, in_flight, 3, store) == []  # never beside a teacher that failed
+
+
+def test_an_early_student_lost_with_its_teacher_waits_for_it_again(tiny_config, tmp_path):
+    grid = expand(load_config(tiny_config))
+    teacher, siddo = grid.teachers[0], grid.students[0]
+    store, shown = RunStore(tmp_path / "out"), Recorder()
+    shown.end_run = lambda spec, status: shown.calls.append(("end", spec.run_id, status))
+    waiting = defaultdict(list)
+    assert _requeue([teacher, siddo], store, waiting, shown) == [teacher]
+    assert waiting[teacher.run_id] == [siddo] and not shown.calls
+    waiting.clear()
+    store.write_failure(teacher, "WorkerDied", "", None, kind="system")
+    assert _requeue([siddo], store, waiting, shown) == []
+    assert shown.calls == [("end", siddo.run_id, blocked(siddo).message)]

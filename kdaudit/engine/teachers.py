@@ -24,6 +24,7 @@ accuracy and loss on its noisy labels (`label_noise_record`); its metrics are on
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -151,6 +152,31 @@ def model_targets(teacher: torch.nn.Module) -> TeacherTargets:
     return targets
 
 
+class TeacherNotComplete(RuntimeError):
+    """A student's teacher failed, or is neither complete nor running: the student is
+    blocked (it runs again once its teacher exists), not failed."""
+
+
+def wait_for_teacher(store: RunStore, teacher_id: str, poll: float = 0.05,
+                     patience: float = 10.0) -> None:  # fmt: skip
+    """Return once the teacher is complete. A student that trains without its teacher's
+    outputs (SIDDO, RCD) may start while the teacher trains, to use a worker that would
+    otherwise wait (kdaudit.executors.local), and needs the teacher only to be compared
+    with it. Raises TeacherNotComplete when the teacher fails, or when for `patience`
+    seconds it is neither complete nor running (its worker died, or it was never started)."""
+    idle_since = None
+    while not store.is_complete(teacher_id):
+        if store.failure(teacher_id) is not None:
+            raise TeacherNotComplete(f"its teacher {teacher_id} failed")
+        if store.is_running(teacher_id):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > patience:
+            raise TeacherNotComplete(f"its teacher {teacher_id} is not running")
+        time.sleep(poll)
+
+
 @dataclass
 class Teachers:
     """The stored teachers of a grid, as their students need them: loaded once per teacher
@@ -190,8 +216,10 @@ class Teachers:
     def test_logits(self, student: RunSpec, data) -> np.ndarray:  # (N_test, K)
         """The teacher's test logits on the student's test set: the stored ones (on the
         students' data, for a teacher trained on other data; from its weights for a teacher
-        stored before such logits were kept)."""
+        stored before such logits were kept). A student that trained beside its teacher
+        waits here for it (`wait_for_teacher`)."""
         key = student.teacher_id
+        wait_for_teacher(self.store, key)
         if not self.other_data(student):
             return self.store.array(key, "test_logits")
         if self.store.has_array(key, STUDENTS_TEST):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from kdaudit.conditions import CONDITIONS, LossConditionConfig, loss_condition
+from kdaudit.conditions import CONDITIONS, LossConditionConfig, condition, loss_condition
 from kdaudit.data import TensorData, load_data
 from kdaudit.engine.loop import total_steps
 from kdaudit.engine.run import execute
-from kdaudit.engine.teachers import Teachers, keeps_weights
+from kdaudit.engine.teachers import TeacherNotComplete, Teachers, keeps_weights
 from kdaudit.errors import ConfigError
 from kdaudit.executors.progress import Reporter, blocked_message
 from kdaudit.protocol import RunSpec, TeacherPlan
@@ -109,11 +109,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def attempt(spec: RunSpec, ctx: RunContext, reporter: Reporter | None = None) -> RunResult:
+def attempt(
+    spec: RunSpec, ctx: RunContext, reporter: Reporter | None = None, early: bool = False
+) -> RunResult:
     """Run one run in this process and store it, or record why it failed.
-    Loading the data is outside the guard: a dataset that cannot load stops the grid."""
+    Loading the data is outside the guard: a dataset that cannot load stops the grid.
+    `early`: a student that trains without its teacher (`trains_without_teacher`), started
+    while its teacher runs; it waits for the teacher before it is compared with it."""
     store = RunStore(ctx.out)
-    if not teacher_ready(store, spec):
+    if not (early or teacher_ready(store, spec)):
         return blocked(spec)
     with cpu_threads(ctx.threads):
         data, teachers = worker_state(spec, ctx)
@@ -126,6 +130,8 @@ def attempt(spec: RunSpec, ctx: RunContext, reporter: Reporter | None = None) ->
             execute(spec, data, store, teachers, keep, on_step)
         except (KeyboardInterrupt, SystemExit):
             raise
+        except TeacherNotComplete:
+            return blocked(spec)
         except Exception as err:  # a failed run costs only itself: record it, go on
             return record_failure(store, spec, err)
         finally:
@@ -143,6 +149,12 @@ def record_failure(store: RunStore, spec: RunSpec, err: Exception) -> RunResult:
 def teacher_ready(store: RunStore, spec: RunSpec) -> bool:
     """A teacher can always run; a student once its teacher is complete."""
     return spec.is_teacher or store.is_complete(spec.teacher_id)
+
+
+def trains_without_teacher(spec: RunSpec) -> bool:
+    """A student whose training reads nothing of its teacher (SIDDO, RCD, LS, DISDO): it can
+    train while its teacher does, and needs the teacher only to be compared with it."""
+    return not spec.is_teacher and not condition(spec.condition).needs_teacher
 
 
 def blocked(spec: RunSpec) -> RunResult:

@@ -8,8 +8,10 @@ grid too small to pay for starting workers (POOL_MIN_STEPS).
 
 Workers are forked from a fork server (never from this process, whose threads make fork
 unsafe); each has `threads` torch threads and, on a machine with several GPUs, its own GPU
-(cuda:i round robin). Teachers go first; a student is submitted only once its teacher is
-complete. A worker that dies (kill -9, out of memory) breaks the pool: a new pool is started
+(cuda:i round robin). Teachers go first; a student is submitted once its teacher is
+complete, or, on a worker that would otherwise wait, while its teacher trains when it trains
+without the teacher's outputs (SIDDO, RCD: `_early`; it waits for the teacher only to be
+compared with it). A worker that dies (kill -9, out of memory) breaks the pool: a new pool is started
 and the runs that were in flight are rerun, at most `max_retries` times each; exceptions
 inside a run are recorded by `attempt`, never rerun.
 """
@@ -44,6 +46,7 @@ from kdaudit.executors.core import (
     release_worker_state,
     system_failure,
     teacher_ready,
+    trains_without_teacher,
 )
 from kdaudit.executors.progress import Lanes, LaneWriter, Reporter
 from kdaudit.protocol import RunSpec
@@ -129,7 +132,22 @@ def run_pool(
                 "rerun with --workers 1 to see the error"
             )
         retry = _to_retry(lost, in_flight, store, deaths, options, waiting, reporter)
-        queue.extendleft(reversed(retry))
+        queue.extendleft(reversed(_requeue(retry, store, waiting, reporter)))
+
+
+def _requeue(retry: list[RunSpec], store: RunStore, waiting, reporter: Reporter) -> list:
+    """Of the runs a dead pool lost, those to queue again; an early student (started beside
+    its teacher) whose teacher is not complete waits for it again, or is blocked if the
+    teacher is now failed."""
+    queue = []
+    for spec in retry:
+        if teacher_ready(store, spec):
+            queue.append(spec)
+        elif store.failure(spec.teacher_id) is None:
+            waiting[spec.teacher_id].append(spec)
+        else:
+            reporter.end_run(spec, blocked(spec).message)
+    return queue
 
 
 def _ready_and_waiting(todo: list[RunSpec], store: RunStore, reporter: Reporter):
@@ -155,13 +173,18 @@ def _one_pool(queue, waiting, ctx, options, reporter) -> list[RunSpec]:
     pool = _new_pool(mp, options.workers, _devices(ctx.device), ctx.threads, lanes)
     futures: dict[Future, RunSpec] = {}
     numbered: list[RunSpec] = []  # the lanes name runs by their number here
+    store = RunStore(ctx.out)
+
+    def submit(spec: RunSpec, early: bool = False) -> None:
+        numbered.append(spec)
+        futures[pool.submit(_attempt_in_worker, spec, ctx, len(numbered) - 1, early)] = spec
+
     try:
         while queue or futures:
             while queue:
-                spec = queue.popleft()
-                numbered.append(spec)
-                future = pool.submit(_attempt_in_worker, spec, ctx, len(numbered) - 1)
-                futures[future] = spec
+                submit(queue.popleft())
+            for spec in _early(waiting, futures, options.workers - len(futures), store):
+                submit(spec, early=True)
             done, _ = wait(futures, timeout=SHOW_EVERY, return_when=FIRST_COMPLETED)
             lanes.poll(numbered, reporter)
             if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
@@ -182,6 +205,27 @@ def _one_pool(queue, waiting, ctx, options, reporter) -> list[RunSpec]:
         _kill_workers(pool)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+
+
+def _early(waiting: dict, futures: dict, free: int, store: RunStore) -> list[RunSpec]:
+    """Students to start on `free` idle workers while their teacher trains: those that
+    train without it (`trains_without_teacher`), of a teacher in flight that has not failed
+    before. Taken out of `waiting`; each waits for its teacher before it is compared with it
+    (kdaudit.engine.teachers.wait_for_teacher). Teachers go first in the pool's queue, so a
+    teacher in flight gets its worker before any of its early students."""
+    if free <= 0:
+        return []
+    in_flight = {spec.run_id for spec in futures.values()}
+    early: list[RunSpec] = []
+    for teacher_id, students in waiting.items():
+        if teacher_id not in in_flight or store.failure(teacher_id) is not None:
+            continue
+        for student in [s for s in students if trains_without_teacher(s)][: free - len(early)]:
+            students.remove(student)
+            early.append(student)
+        if len(early) == free:
+            break
+    return early
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
@@ -259,9 +303,9 @@ def _start_worker(slots, threads: int, lanes, driver: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _attempt_in_worker(spec: RunSpec, ctx: RunContext, number: int) -> RunResult:
+def _attempt_in_worker(spec: RunSpec, ctx: RunContext, number: int, early: bool) -> RunResult:
     _LANE.number = number
-    return attempt(spec, replace(ctx, device=_WORKER_DEVICE or ctx.device), _LANE)
+    return attempt(spec, replace(ctx, device=_WORKER_DEVICE or ctx.device), _LANE, early)
 
 
 def _die_with_parent() -> None:

@@ -165,6 +165,9 @@ class RunStore:
         self.in_flight.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.in_flight / f"{run_id}.json", _json(_whereabouts()))
 
+    def is_running(self, run_id: str) -> bool:
+        return (self.in_flight / f"{run_id}.json").is_file()
+
     def clear_running(self, run_id: str) -> None:
         (self.in_flight / f"{run_id}.json").unlink(missing_ok=True)
 
