@@ -125,6 +125,12 @@ def run_pool(
     while queue:
         lost = _one_pool(queue, waiting, ctx, options, reporter)
         in_flight = set(store.running()) & {s.run_id for s in lost}
+        # A student started beside its teacher died with the pool its teacher died in: no
+        # death of its own (and it waits for the teacher again, `_requeue`).
+        beside = {s.run_id for s in lost if s.teacher_id in {t.run_id for t in lost}}
+        for run_id in in_flight & beside:
+            store.clear_running(run_id)
+        in_flight -= beside
         idle_deaths = 0 if in_flight or not lost else idle_deaths + 1
         if idle_deaths > options.max_retries:
             raise RuntimeError(
