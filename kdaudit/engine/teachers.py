@@ -158,12 +158,14 @@ class TeacherNotComplete(RuntimeError):
 
 
 def wait_for_teacher(store: RunStore, teacher_id: str, poll: float = 0.05,
-                     patience: float = 10.0) -> None:  # fmt: skip
+                     patience: float = 120.0) -> None:  # fmt: skip
     """Return once the teacher is complete. A student that trains without its teacher's
     outputs (SIDDO, RCD) may start while the teacher trains, to use a worker that would
     otherwise wait (kdaudit.executors.local), and needs the teacher only to be compared
     with it. Raises TeacherNotComplete when the teacher fails, or when for `patience`
-    seconds it is neither complete nor running (its worker died, or it was never started)."""
+    seconds it is neither complete nor running (its worker died, or it was never started;
+    a teacher is marked running only once its worker has loaded the data, which can take
+    minutes the first time, hence the generous patience)."""
     idle_since = None
     while not store.is_complete(teacher_id):
         if store.failure(teacher_id) is not None:
