@@ -12,6 +12,7 @@ from kdaudit.conditions.objectives import (
     VECTOR_CLASSES,
     Batch,
     build_objective,
+    cross_entropy_and_grad,
     distillation_loss,
     log_softmax,
     softened,
@@ -194,18 +195,79 @@ def test_the_losses_log_softmax_is_torchs_function_and_gradient(classes):
     assert padded == (classes in (2, 3, 10, 15))
 
 
-def test_rcd_closed_form_equals_the_kd_form_with_a_uniform_target():
-    """RCD's KL(u || q) = -log K - mean(log q) against distillation_loss with the target
-    log(1/K) for every class, at T = 1 and T = 3: loss and gradient."""
-    gen = torch.Generator().manual_seed(3)
-    y = torch.randint(10, (64,), generator=gen)
-    for T in (1.0, 3.0):
-        z = (torch.randn(64, 10, generator=gen) * 5).requires_grad_()
-        loss = build_objective("rcd", 0.7, T, 10)(z, _batch(y.tolist()))
-        uniform = torch.full((1, 10), -math.log(10))
-        z2 = z.detach().double().requires_grad_()
-        reference = distillation_loss(z2, y, uniform.double(), 0.7, T)
-        torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-6)
-        (g,) = torch.autograd.grad(loss, z)
-        (g2,) = torch.autograd.grad(reference, z2)
-        torch.testing.assert_close(g.double(), g2, rtol=1e-5, atol=1e-7)
+def _formula(z, y, target_log_probs, alpha, T):
+    """distillation_loss written out with torch's operators, differentiated by autograd."""
+    ce = F.cross_entropy(z, y)
+    log_q = F.log_softmax(z / T, dim=-1)
+    kl = F.kl_div(log_q, target_log_probs.expand_as(log_q), reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * T**2 * kl
+
+
+@pytest.mark.parametrize("classes", [2, 10, 65])
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_distillation_gradient_is_the_formulas_autograd_gradient(classes, T, alpha, uniform):
+    """The written-out gradient against autograd through the formula in float64, in float32
+    and float64, for a target per row and the (1, K) uniform one (RCD), with a row of large
+    logits; scaled by the caller's gradient (a loss times 3)."""
+    gen = torch.Generator().manual_seed(classes)
+    n = 50
+    z = torch.randn(n, classes, generator=gen, dtype=torch.float64) * 4
+    z[0, 0] = 80.0
+    y = torch.randint(classes, (n,), generator=gen)
+    if uniform:
+        t = torch.full((1, classes), -math.log(classes), dtype=torch.float64)
+    else:
+        t = F.log_softmax(torch.randn(n, classes, generator=gen, dtype=torch.float64) * 3, -1)
+    z64 = z.clone().requires_grad_()
+    reference = _formula(z64, y, t, alpha, T)
+    (g_ref,) = torch.autograd.grad(3 * reference, z64)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        zd = z.to(dtype).requires_grad_()
+        loss = distillation_loss(zd, y, t.to(dtype), alpha, T)
+        (g,) = torch.autograd.grad(3 * loss, zd)
+        assert loss.dtype == dtype and g.dtype == dtype
+        torch.testing.assert_close(loss.double(), reference.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("shape", [(1, 10), (16, 10), (128, 10), (100, 65), (37, 1000)])
+def test_cross_entropy_and_grad_is_torchs_bit_for_bit(shape):
+    """The CE inside distillation_loss: F.cross_entropy's value and autograd gradient, equal
+    bit for bit, with a label ignored (-100) as in padded sequences."""
+    gen = torch.Generator().manual_seed(shape[1])
+    z = (torch.randn(shape, generator=gen) * 5).requires_grad_()
+    y = torch.randint(shape[1], (shape[0],), generator=gen)
+    if shape[0] > 1:
+        y[1] = -100
+    loss = F.cross_entropy(z, y)
+    (g,) = torch.autograd.grad(loss, z)
+    value, grad, log_p = cross_entropy_and_grad(z.detach(), y)
+    assert torch.equal(value, loss.detach()) and torch.equal(grad, g)
+    assert torch.equal(log_p, F.log_softmax(z.detach(), dim=-1))
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_distillation_at_alpha_zero_is_cross_entropy_bit_for_bit(T):
+    """At alpha = 0 distillation_loss's value and gradient are F.cross_entropy's, bit for bit:
+    the step the protocol's pairing proof rests on (tests/test_protocol.py runs it whole)."""
+    gen = torch.Generator().manual_seed(7)
+    z = (torch.randn(128, 10, generator=gen) * 3).requires_grad_()
+    y = torch.randint(10, (128,), generator=gen)
+    t = F.log_softmax(torch.randn(128, 10, generator=gen), -1)
+    ce = F.cross_entropy(z, y)
+    (g_ce,) = torch.autograd.grad(ce, z)
+    kd = distillation_loss(z, y, t, 0.0, T)
+    (g_kd,) = torch.autograd.grad(kd, z)
+    assert torch.equal(kd.detach(), ce.detach()) and torch.equal(g_kd, g_ce)
+
+
+def test_a_nan_logit_makes_the_loss_and_its_gradient_nan():
+    """The loop finds a diverged run by its loss: NaN logits give a NaN loss and gradient."""
+    z = torch.randn(8, 5)
+    z[3, 2] = math.nan
+    z.requires_grad_()
+    loss = build_objective("rcd", 0.5, 2.0, 5)(z, _batch([0, 1, 2, 3, 4, 0, 1, 2]))
+    (g,) = torch.autograd.grad(loss, z)
+    assert torch.isnan(loss) and torch.isnan(g[3]).all()
