@@ -3,8 +3,11 @@ their progress display, the optimizer step without torch.optim's bookkeeping, an
 default grid's results against one run at a time, bit for bit."""
 
 import functools
+import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -270,6 +273,32 @@ def test_a_student_whose_teacher_is_not_running_stops_waiting(tiny_config, tmp_p
     result = attempt(siddo, _grid_ctx(cfg, out), early=True)
     release_worker_state()
     assert result.status == "blocked" and not RunStore(out).is_complete(siddo.run_id)
+
+
+def test_a_stale_mark_of_a_dead_teacher_process_is_not_a_teacher_running(tiny_config, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """The teacher's in-flight mark left by a process that was killed (kill -9 leaves it):
+    the early student is blocked after `patience`, not left waiting for ever."""
+    cfg = load_config(tiny_config)
+    siddo = next(s for s in expand(cfg).students if s.condition == "siddo")
+    out = tmp_path / "early"
+    store = RunStore(out)
+    store.save_experiment(cfg)
+    store.mark_running(siddo.teacher_id)
+    assert store.is_running(siddo.teacher_id)  # this process: alive
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mark = store.in_flight / f"{siddo.teacher_id}.json"
+    mark.write_text(json.dumps({**json.loads(mark.read_text()), "pid": dead.pid}))
+    assert not store.is_running(siddo.teacher_id)
+    monkeypatch.setattr(teachers_module, "wait_for_teacher",
+                        functools.partial(teachers_module.wait_for_teacher, patience=0.3))  # fmt: skip
+    result = attempt(siddo, _grid_ctx(cfg, out), early=True)
+    release_worker_state()
+    assert result.status == "blocked" and not store.is_complete(siddo.run_id)
+    other_host = {**json.loads(mark.read_text()), "host": "elsewhere"}
+    mark.write_text(json.dumps(other_host))
+    assert store.is_running(siddo.teacher_id)  # only its own host can tell it is gone
 
 
 def test_only_students_that_train_without_their_teacher_start_early(tiny_config, tmp_path):

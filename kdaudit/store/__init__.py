@@ -166,7 +166,18 @@ class RunStore:
         _atomic_write_text(self.in_flight / f"{run_id}.json", _json(_whereabouts()))
 
     def is_running(self, run_id: str) -> bool:
-        return (self.in_flight / f"{run_id}.json").is_file()
+        """Whether the run's in-flight mark is there and its process may still be running:
+        a mark left by a process of this host that no longer exists (killed with kill -9, or
+        with its driver) is stale, not a run in flight."""
+        try:
+            mark = json.loads((self.in_flight / f"{run_id}.json").read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True  # being replaced right now
+        if mark.get("host") != socket.gethostname() or not isinstance(mark.get("pid"), int):
+            return True  # another machine's process: only its own host can tell
+        return _process_exists(mark["pid"])
 
     def clear_running(self, run_id: str) -> None:
         (self.in_flight / f"{run_id}.json").unlink(missing_ok=True)
@@ -318,6 +329,16 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _whereabouts() -> dict:
