@@ -50,7 +50,7 @@ from kdaudit.executors.core import (
 )
 from kdaudit.executors.progress import Lanes, LaneWriter, Reporter
 from kdaudit.protocol import RunSpec
-from kdaudit.store import RunStore
+from kdaudit.store import RunStore, process_exists
 
 SHOW_EVERY = 0.25  # seconds between reads of the workers' progress
 # Fewer training steps than this (all runs to do, where their configs tell) run in this
@@ -337,19 +337,9 @@ def _watch(driver: int) -> None:
     except ProcessLookupError:
         fd = None  # already gone
     except (AttributeError, OSError):  # another OS: poll
-        while _alive(driver):
+        while process_exists(driver):
             time.sleep(1.0)
         fd = None
     if fd is not None:
         select.select([fd], [], [])
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user (a reused pid)
-        return True
-    return True

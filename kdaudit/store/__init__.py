@@ -177,7 +177,7 @@ class RunStore:
             return True  # being replaced right now
         if mark.get("host") != socket.gethostname() or not isinstance(mark.get("pid"), int):
             return True  # another machine's process: only its own host can tell
-        return _process_exists(mark["pid"])
+        return process_exists(mark["pid"])
 
     def clear_running(self, run_id: str) -> None:
         (self.in_flight / f"{run_id}.json").unlink(missing_ok=True)
@@ -331,12 +331,13 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (kill(pid, 0), which signals nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
+    except PermissionError:  # exists, owned by another user (a reused pid)
         return True
     return True
 
