@@ -9,9 +9,12 @@ from cached teacher logits; the default, mlp, is the default audit's MLP 40-256-
 batch 128) as an executor runs it (CPU: one torch thread). First, without the profiler: the
 time per step (fastest of three), the step's FLOPs counted from the model, the rate this
 achieves and its fraction of the peak of a large matmul measured now (one thread on the
-CPU, as one run gets; the device on a GPU). Then torch.profiler over `--steps` steps: the
-operators that took the most self time, and the shares of matrix multiplies (the
-arithmetic), backward, optimizer, and forward, loss and batches.
+CPU, as one run gets; the device on a GPU). On the CPU (one model at a time) two floors
+beside it, measured now: the step's matrix multiplies alone (each shape it multiplies,
+replayed on its own) and, for the MLP, the same step with 8-wide hidden layers (what its
+operators, autograd and optimizer cost with almost no arithmetic). Then torch.profiler over
+`--steps` steps: the operators that took the most self time, and the shares of matrix
+multiplies (the arithmetic), backward, optimizer, and forward, loss and batches.
 """
 
 from __future__ import annotations
@@ -65,7 +68,10 @@ def main() -> None:
     run(case, data, cfg, args.stack)  # warm-up: allocations, kernel selection
     print(f"load average {os.getloadavg()[0]:.2f}; {args.model}, batch {case.batch}, "
           f"stack {args.stack}, {args.device}")  # fmt: skip
-    print(arithmetic(case, data, replace(cfg, max_steps=args.steps), args))
+    line, per_step = arithmetic(case, data, replace(cfg, max_steps=args.steps), args)
+    print(line)
+    if args.device == "cpu" and args.stack == 1:
+        print(floors(case, data, replace(cfg, max_steps=args.steps), per_step))
     activities = [ProfilerActivity.CPU]
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
@@ -79,16 +85,9 @@ def main() -> None:
     print(phases(prof))
 
 
-def arithmetic(case, data, cfg: TrainConfig, args) -> str:
+def arithmetic(case, data, cfg: TrainConfig, args) -> tuple[str, float]:
     """Time per step without the profiler, and how much of the machine it uses."""
-    seconds = float("inf")
-    for _ in range(3):
-        _sync(args.device)
-        start = time.perf_counter()
-        run(case, data, cfg, args.stack)
-        _sync(args.device)
-        seconds = min(seconds, time.perf_counter() - start)
-    per_step = seconds / cfg.max_steps
+    per_step = step_time(case, data, cfg, args.stack, args.device)
     model, _ = _model_and_objective(case, data)
     flops = training_flops(model, data.train_x[: case.batch]) * args.stack
     peak = matmul_peak(args.device, threads=1)
@@ -97,7 +96,64 @@ def arithmetic(case, data, cfg: TrainConfig, args) -> str:
         f"step {per_step * 1e3:.3f} ms; {flops / 1e6:.1f} MFLOP a step counted from the "
         f"model: {rate / 1e9:.1f} GFLOP/s, {rate / peak:.0%} of the matmul peak measured "
         f"now ({peak / 1e9:.1f} GFLOP/s{', one thread' if args.device == 'cpu' else ''})"
-    )
+    ), per_step
+
+
+def step_time(case, data, cfg: TrainConfig, stack: int, device: str) -> float:
+    """Seconds per step of a whole training run of cfg.max_steps steps, fastest of three."""
+    seconds = float("inf")
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        run(case, data, cfg, stack)
+        _sync(device)
+        seconds = min(seconds, time.perf_counter() - start)
+    return seconds / cfg.max_steps
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def floors(case, data, cfg: TrainConfig, per_step: float) -> str:
+    """What the CPU step is made of, measured now: its matrix multiplies alone (every shape
+    the step multiplies, replayed on its own with contiguous operands already in cache) and,
+    for the MLP, the same step with 8-wide hidden layers (the cost of its operators, autograd
+    and optimizer with almost no arithmetic). The step cannot be faster than the first
+    without multiplying faster, nor shed the second without fewer operators."""
+    steps = 20
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run(case, data, replace(cfg, max_steps=steps), 1)
+    seconds, count = 0.0, 0
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in MATMULS:
+            seconds += event.count / steps * _matmul_alone(event.key, event.input_shapes)
+            count += event.count
+    line = (f"its {count / steps:.0f} matrix multiplies alone (each shape replayed, operands in "
+            f"cache): {seconds * 1e3:.3f} ms, {seconds / per_step:.0%} of the step")  # fmt: skip
+    if case.name == "mlp":
+        narrow = replace(case, model=replace(case.model, width=8))
+        small = synthetic(narrow, len(data.train_x), "cpu")
+        run(narrow, small, replace(cfg, max_steps=3), 1)  # warm-up
+        floor = step_time(narrow, small, cfg, 1, "cpu")
+        line += (f"; the same step with 8-wide hidden layers: {floor * 1e3:.3f} ms, "
+                 f"{floor / per_step:.0%} of the step")  # fmt: skip
+    return line
+
+
+def _matmul_alone(key: str, shapes: list) -> float:
+    """Seconds of one multiply of these operand shapes (the profiler's), fastest of five
+    timings of 50 (addmm and baddbmm: bias, then the two matrices)."""
+    a, b = (shapes[1], shapes[2]) if key in ("aten::addmm", "aten::baddbmm") else shapes[:2]
+    x, y = torch.randn(a), torch.randn(b)
+    op = torch.bmm if len(a) == 3 else torch.mm
+    op(x, y)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(50):
+            op(x, y)
+        best = min(best, (time.perf_counter() - start) / 50)
+    return best
 
 
 def _sync(device: str) -> None:
