@@ -27,7 +27,10 @@ from kdaudit.engine.stacking import (
     Member,
     StackedState,
     StackMismatch,
+    _chain_forward,
+    _linear_chain,
     _stacked_forward,
+    _weights,
     random_draws,
     train_stacked,
     unstackable,
@@ -257,6 +260,47 @@ def test_one_teacher_forward_per_batch_serves_a_stacks_kd_students():
 def _spec(seed: int, condition: str):
     return SimpleNamespace(teacher_id="t", data="d", model="m", train="c", data_seed=seed,
                            run_id=f"{condition}-{seed}", checkpoint=None, condition=condition)  # fmt: skip
+
+
+def test_a_plain_mlps_stack_multiplies_weights_stored_transposed_bitwise_as_alone():
+    """kdaudit's MLP stacks through batched multiplies of (K, in, out) weights: its logits
+    are each model's own bit for bit, and unstacking gives back the model's layout."""
+    torch.manual_seed(0)
+    models = [build_model(MLPConfig(width=16, depth=2), (12,), K, s) for s in range(3)]
+    chain = _linear_chain(models[0])
+    assert [kind for kind, _ in chain] == ["flatten", "linear", "relu", "linear", "relu", "linear"]
+    state = StackedState(models, _weights(chain))
+    assert state.views()["1.weight"].shape == (3, 12, 16)  # (K, in, out); alone (16, 12)
+    x = torch.randn(32, 12)
+    logits = _chain_forward(chain)(state.views(), state.buffers, x.expand(3, -1, -1))
+    for k, model in enumerate(models):
+        assert torch.equal(logits[k], model(x))
+    with torch.no_grad():
+        state.views()["1.weight"][1, 0, 5] = 7.0  # input 0 -> unit 5 of model 1
+    state.unstack(models)
+    assert models[1][1].weight[5, 0] == 7.0 and models[0][1].weight[5, 0] != 7.0
+
+
+class _Wrapped(nn.Sequential):
+    pass
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [nn.Linear(12, 8), nn.Dropout(0.1), nn.Linear(8, K)],
+    lambda: [nn.Linear(12, 8, bias=False), nn.ReLU(), nn.Linear(8, K)],
+    lambda: [nn.Linear(12, 8), nn.Flatten(), nn.Linear(8, K)],  # flatten only first
+    lambda: [nn.Flatten(0), nn.Linear(12, K)],
+    lambda: [nn.Linear(12, 8), nn.GELU(), nn.Linear(8, K)],
+    lambda: [nn.ReLU()],  # no linear layer
+])  # fmt: skip
+def test_only_plain_mlps_take_the_batched_multiply_path(layers):
+    assert _linear_chain(nn.Sequential(*layers())) is None
+    plain = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, K))
+    assert _linear_chain(plain) is not None
+    assert _linear_chain(_Wrapped(*plain)) is None  # a subclass may change forward
+    plain[0].register_forward_hook(lambda module, args, out: out * 2)
+    assert _linear_chain(plain) is None
+    assert _linear_chain(build_model(CNNConfig(width=4, depth=1), (1, 8, 8), K, 0)) is None
 
 
 def test_stacks_keep_a_seeds_paired_runs_together():
