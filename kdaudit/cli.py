@@ -145,7 +145,9 @@ def _run_parser(sub) -> None:
                           "reproducible for a fixed value)")  # fmt: skip
     run.add_argument("--stack", type=int, default=1, metavar="N",
                      help="train up to N runs of one teacher at once as one stacked model, "
-                          "one student seed's conditions together (default 1: one at a time)")  # fmt: skip
+                          "one student seed's conditions together, in this process (default "
+                          "1: one at a time, except that on the CPU the worker processes "
+                          "stack a seed's MLP students, with the bits each has alone)")  # fmt: skip
     run.add_argument("--address", metavar="ADDR",
                      help="ray: address of an existing cluster (default: start a local one)")  # fmt: skip
     run.add_argument("--max-retries", type=int, default=3, metavar="N",

@@ -23,10 +23,11 @@ from kdaudit.engine import teachers as teachers_module
 from kdaudit.engine.loop import Update, make_optimizer, make_schedule
 from kdaudit.executors import ExecutorConfig, run_grid
 from kdaudit.executors.core import RunContext, attempt, blocked, cpu_count, release_worker_state
-from kdaudit.executors.local import POOL_MIN_STEPS, _early, _requeue, local_workers
+from kdaudit.executors.local import POOL_MIN_STEPS, _early, _requeue, local_workers, units
 from kdaudit.executors.progress import Lanes
 from kdaudit.protocol import expand
 from kdaudit.store import RunStore
+from tests.conftest import write_config
 from tests.fault_helpers import assert_same_runs
 
 # the tiny grid trained for enough steps that the default starts worker processes
@@ -151,6 +152,8 @@ def test_the_default_stores_the_same_runs_as_one_at_a_time_bit_for_bit(tiny_conf
     assert_same_runs(expand(cfg), tmp_path / "alone", tmp_path / "default")
     records = [RunStore(tmp_path / "default").record(s.run_id) for s in expand(cfg).runs]
     assert {r["torch_threads"] for r in records} == {1}
+    # the MLP students trained in stacks, the same bits as each alone (a stack of one)
+    assert max(r["engine"]["stack"]["size"] for r in records if r["engine"]["stack"]) > 1
     if cpu_count() > 1:  # several workers ran, and the display showed each one's runs
         assert {c[1] for c in shown.calls if c[0] == "start"} == set(range(min(cpu_count(), 7)))
     assert sum(c[0] == "end" for c in shown.calls) == 7
@@ -301,20 +304,45 @@ def test_a_stale_mark_of_a_dead_teacher_process_is_not_a_teacher_running(tiny_co
     assert store.is_running(siddo.teacher_id)  # only its own host can tell it is gone
 
 
+def test_the_pool_stacks_mlp_students_on_the_cpu_and_trains_every_other_run_alone(
+    tiny_config, tmp_path
+):
+    grid = expand(load_config(tiny_config))
+    teacher, students = grid.teachers[0], grid.students
+    cpu = units(list(grid.runs), _ctx())
+    assert cpu[0] == (teacher,)  # teachers alone, first
+    (stack,) = cpu[1:]  # both seeds' 3 runs: one stack of 6, at most POOL_STACK
+    assert sorted(s.run_id for s in stack) == sorted(s.run_id for s in students)
+    assert [s.student_seed for s in stack] == [10, 10, 10, 11, 11, 11]  # a seed's together
+    assert all(len(unit) == 1 for unit in units(list(grid.runs), _ctx("cuda")))
+    cnn = expand(load_config(write_config(tmp_path, model={"name": "cnn1d", "width": 4,
+                                                            "depth": 1})))  # fmt: skip
+    assert all(len(unit) == 1 for unit in units(list(cnn.runs), _ctx()))
+
+
 def test_only_students_that_train_without_their_teacher_start_early(tiny_config, tmp_path):
     grid = expand(load_config(tiny_config))
     teacher = grid.teachers[0]
     store = RunStore(tmp_path / "out")
-    in_flight = {"future": teacher}
+    in_flight = {"future": (teacher,)}
     waiting = {teacher.run_id: list(grid.students)}
-    assert _early(waiting, in_flight, 0, store) == []
-    assert _early(waiting, {}, 3, store) == []  # its teacher is not in flight
-    early = _early(waiting, in_flight, 3, store)
-    assert {s.condition for s in early} == {"siddo", "rcd"} and len(early) == 3
+    gpu = _ctx("cuda")  # one run a unit: nothing stacks off the CPU
+    assert _early(waiting, in_flight, 0, store, gpu) == []
+    assert _early(waiting, {}, 3, store, gpu) == []  # its teacher is not in flight
+    early = _early(waiting, in_flight, 3, store, gpu)
+    assert all(len(unit) == 1 for unit in early) and len(early) == 3
+    assert {s.condition for (s,) in early} == {"siddo", "rcd"}
     assert [s.condition for s in waiting[teacher.run_id]].count("kd") == 2
-    assert all(s not in waiting[teacher.run_id] for s in early)
+    assert all(s not in waiting[teacher.run_id] for (s,) in early)
+    # on the CPU the MLP students of both seeds that train without the teacher: one stack
+    waiting = {teacher.run_id: list(grid.students)}
+    (unit,) = _early(waiting, in_flight, 3, store, _ctx())
+    assert sorted((s.condition, s.student_seed) for s in unit) == [
+        ("rcd", 10), ("rcd", 11), ("siddo", 10), ("siddo", 11)]  # fmt: skip
+    assert [s.condition for s in waiting[teacher.run_id]] == ["kd", "kd"]
+    waiting = {teacher.run_id: list(grid.students)}
     store.write_failure(teacher, "an old failure, retried now", "", None)
-    assert _early(waiting, in_flight, 3, store) == []  # never beside a teacher that failed
+    assert _early(waiting, in_flight, 3, store, _ctx()) == []  # never beside a failed teacher
 
 
 def test_an_early_student_lost_with_its_teacher_waits_for_it_again(tiny_config, tmp_path):

@@ -12,7 +12,8 @@ from kdaudit.conditions import condition
 from kdaudit.conditions.features import find_modules
 from kdaudit.conditions.objectives import build_objective, check_user_loss
 from kdaudit.engine.evaluate import evaluate, predict
-from kdaudit.engine.loop import StepHook, TrainResult, train
+from kdaudit.engine.loop import StepHook, TrainResult
+from kdaudit.engine.stacking import train_one
 from kdaudit.engine.teachers import (
     Teachers,
     label_noise_record,
@@ -40,7 +41,7 @@ def execute(
         model, result = load_teacher(spec, data), TrainResult(0, 0.0)
     else:
         model, objective = build_run(spec, data, teachers)
-        result = train(model, data, objective, spec.train, spec.data_seed, on_step)
+        result = train_one(model, data, objective, spec.train, spec.data_seed, on_step)
     return finish_run(spec, model, result, data, store, teachers, save_weights, start)
 
 

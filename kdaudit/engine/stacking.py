@@ -22,7 +22,10 @@ nn.MultiheadAttention) refuses the stack, and the executor trains those runs one
 A plain MLP (kdaudit's `mlp`: Linear and ReLU layers) skips vmap: its stacked forward is
 written with batched multiplies of weights stored (K, in, out) (`_chain_forward`), which on a
 2-core Xeon trained a stack of 7 default-audit MLPs at 0.86 to 1.0 ms a model and step
-against 1.16 to 1.54 ms alone (the vmapped stack: 1.6 ms a model).
+against 1.16 to 1.54 ms alone (the vmapped stack: 1.6 ms a model). On the CPU such a run
+trains as a stack even alone (`train_one`, `stacks_alone`): its result is the same bit for
+bit in any stack, so the local executor's workers stack a seed's runs while Ray and
+`--workers 1` train them one at a time, all with the same bits.
 
 Numerics (CPU, measured in tests/test_stacked.py): the forward pass is bitwise that of the
 model alone; weight gradients come from batched matmuls that sum in another order, so a
@@ -42,7 +45,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from kdaudit.conditions.objectives import Batch, Objective
+from kdaudit.conditions.objectives import Batch, Objective, objective_parameters
 from kdaudit.config import TrainConfig
 from kdaudit.engine.accel import accel_for, compiled
 from kdaudit.engine.loop import (
@@ -54,6 +57,7 @@ from kdaudit.engine.loop import (
     make_schedule,
     run_steps,
     total_steps,
+    train,
 )
 
 
@@ -134,6 +138,30 @@ def train_stacked(
         failures.get(k) or TrainResult(n_steps, seconds, {**engine, "stack": _where(k, members)})
         for k in range(len(members))
     ]
+
+
+def stacks_alone(model: nn.Module, objective: Objective, device) -> bool:
+    """Whether a run trains as a stack even alone (`train_one`): a plain MLP on the CPU
+    (`_linear_chain`), with an objective that trains nothing of its own. Its result is then
+    the same bit for bit in a stack of one or in any other (tests/test_stacked.py), so an
+    executor may stack such runs or not, as is faster, without changing a bit: the local
+    executor stacks a student seed's runs (kdaudit.executors.local), Ray and `--workers 1`
+    train them one at a time."""
+    cpu = torch.device(device).type == "cpu"
+    return cpu and _linear_chain(model) is not None and not objective_parameters(objective)
+
+
+def train_one(
+    model: nn.Module, data, objective: Objective, cfg: TrainConfig, data_seed: int,
+    on_step: StepHook | None = None,
+) -> TrainResult:  # fmt: skip
+    """`train`, or, for a run that `stacks_alone`, a stack of one."""
+    if not stacks_alone(model, objective, data.device):
+        return train(model, data, objective, cfg, data_seed, on_step)
+    (result,) = train_stacked([Member(model, objective, data_seed)], data, cfg, on_step)
+    if isinstance(result, NonFiniteLoss):
+        raise result
+    return result
 
 
 class StackMismatch(RuntimeError):

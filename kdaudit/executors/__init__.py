@@ -2,7 +2,8 @@
 Each is registered by name in `EXECUTORS` (kdaudit.executors.core):
 
     local             worker processes on this machine, as many as it has cores (CPU, one
-                      torch thread each) or GPUs (the default)
+                      torch thread each; a student seed's MLP runs as one stack) or GPUs
+                      (the default)
     local, workers=N  N worker processes (workers=1: one run at a time, in this process)
     local, stack=N    in this process, N runs at a time trained as one stacked model
     ray               one Ray task per run on a local or existing cluster

@@ -19,7 +19,7 @@ from kdaudit.engine.accel import architecture_key
 from kdaudit.engine.loop import NonFiniteLoss, total_steps
 from kdaudit.engine.run import build_run, finish_run
 from kdaudit.engine.stacking import Member, StackMismatch, train_stacked, unstackable
-from kdaudit.engine.teachers import keeps_weights
+from kdaudit.engine.teachers import TeacherNotComplete, keeps_weights
 from kdaudit.executors.core import (
     RunContext,
     RunResult,
@@ -81,15 +81,16 @@ def stackable(spec: RunSpec) -> bool:
 
 
 def attempt_stack(
-    group: list[RunSpec], ctx: RunContext, reporter: Reporter
+    group: list[RunSpec], ctx: RunContext, reporter: Reporter, early: bool = False
 ) -> list[tuple[RunSpec, RunResult]]:
-    """Train and store one group; per run its result (as `attempt` gives it alone)."""
+    """Train and store one group; per run its result (as `attempt` gives it alone).
+    `early`: students that train without their teacher, started while it trains (`attempt`)."""
     store = RunStore(ctx.out)
-    ready = [s for s in group if teacher_ready(store, s)]
+    ready = [s for s in group if early or teacher_ready(store, s)]
     results = [(s, blocked(s)) for s in group if s not in ready]
     if not ready:
         return results
-    solo = lambda: results + [(s, attempt(s, ctx, reporter)) for s in ready]  # noqa: E731
+    solo = lambda: results + [(s, attempt(s, ctx, reporter, early)) for s in ready]  # noqa: E731
     if any(s.checkpoint is not None or not stackable(s) for s in ready):
         return solo()
     with cpu_threads(ctx.threads):
@@ -169,6 +170,8 @@ def _store(spec, model, outcome, data, store: RunStore, teachers, ctx, start) ->
             raise outcome
         keep = keeps_weights(spec, ctx.plan, data)
         finish_run(spec, model, outcome, data, store, teachers, keep, start)
+    except TeacherNotComplete:  # an early student whose teacher failed: not its failure
+        return blocked(spec)
     except Exception as err:  # a failed run costs only itself: record it, go on
         return record_failure(store, spec, err)
     return RunResult(spec.run_id, "complete", "complete")
