@@ -102,15 +102,15 @@ def test_students_of_a_failed_teacher_wait_for_it(tiny_config, tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    real_train = runner.train
-    monkeypatch.setattr("kdaudit.engine.run.train", broken)
+    real_train = runner.train_one
+    monkeypatch.setattr("kdaudit.engine.run.train_one", broken)
     cfg = load_config(tiny_config)
     outcome = run_local(cfg, tmp_path / "out", "cpu")
     assert len(outcome.failed) == 1 and outcome.blocked == 6 and outcome.completed == 0
     status = grid_status(tmp_path / "out")
     assert status["failed_runs"][0]["error"] == "RuntimeError: boom"
     assert status["conditions"]["kd"]["blocked"] == 2
-    monkeypatch.setattr("kdaudit.engine.run.train", real_train)
+    monkeypatch.setattr("kdaudit.engine.run.train_one", real_train)
     assert run_local(cfg, tmp_path / "out", "cpu").completed == 0  # failures need a retry
     assert run_local(cfg, tmp_path / "out", "cpu", retry_failed=True).completed == 7
 

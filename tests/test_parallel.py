@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,10 +23,17 @@ from kdaudit.config import TrainConfig, load_config
 from kdaudit.engine import teachers as teachers_module
 from kdaudit.engine.loop import Update, make_optimizer, make_schedule
 from kdaudit.executors import ExecutorConfig, run_grid
-from kdaudit.executors.core import RunContext, attempt, blocked, cpu_count, release_worker_state
+from kdaudit.executors.core import (
+    RunContext,
+    attempt,
+    blocked,
+    cpu_count,
+    release_worker_state,
+    stacks,
+)
 from kdaudit.executors.local import POOL_MIN_STEPS, _early, _requeue, local_workers, units
 from kdaudit.executors.progress import Lanes
-from kdaudit.protocol import expand
+from kdaudit.protocol import TeacherPlan, expand
 from kdaudit.store import RunStore
 from tests.conftest import write_config
 from tests.fault_helpers import assert_same_runs
@@ -318,6 +326,14 @@ def test_the_pool_stacks_mlp_students_on_the_cpu_and_trains_every_other_run_alon
     cnn = expand(load_config(write_config(tmp_path, model={"name": "cnn1d", "width": 4,
                                                             "depth": 1})))  # fmt: skip
     assert all(len(unit) == 1 for unit in units(list(cnn.runs), _ctx()))
+
+
+def test_only_kdaudits_mlp_runs_stack_and_never_beside_feature_map_students(tiny_config):
+    grid = expand(load_config(tiny_config))
+    siddo = grid.students[0]
+    assert stacks(siddo, TeacherPlan()) and not stacks(siddo, TeacherPlan(features=True))
+    mine = replace(siddo, model=SimpleNamespace(name="in_memory"))  # kdaudit.audit(my_net)
+    assert not stacks(mine, TeacherPlan())
 
 
 def test_only_students_that_train_without_their_teacher_start_early(tiny_config, tmp_path):

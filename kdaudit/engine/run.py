@@ -34,14 +34,16 @@ def execute(
     teachers: Teachers,
     save_weights: bool = False,
     on_step: StepHook | None = None,
+    stack: bool = True,
 ) -> dict:
-    """Train the run that `spec` describes and write it to the store; return its record."""
+    """Train the run that `spec` describes and write it to the store; return its record.
+    `stack`: whether a run that can trains as a stack of one (kdaudit.engine.stacking.train_one)."""
     start = time.perf_counter()
     if spec.checkpoint is not None:
         model, result = load_teacher(spec, data), TrainResult(0, 0.0)
     else:
         model, objective = build_run(spec, data, teachers)
-        result = train_one(model, data, objective, spec.train, spec.data_seed, on_step)
+        result = train_one(model, data, objective, spec.train, spec.data_seed, on_step, stack)
     return finish_run(spec, model, result, data, store, teachers, save_weights, start)
 
 

@@ -153,10 +153,10 @@ def stacks_alone(model: nn.Module, objective: Objective, device) -> bool:
 
 def train_one(
     model: nn.Module, data, objective: Objective, cfg: TrainConfig, data_seed: int,
-    on_step: StepHook | None = None,
+    on_step: StepHook | None = None, stack: bool = True,
 ) -> TrainResult:  # fmt: skip
-    """`train`, or, for a run that `stacks_alone`, a stack of one."""
-    if not stacks_alone(model, objective, data.device):
+    """`train`, or, for a run that `stacks_alone` (and `stack`), a stack of one."""
+    if not (stack and stacks_alone(model, objective, data.device)):
         return train(model, data, objective, cfg, data_seed, on_step)
     (result,) = train_stacked([Member(model, objective, data_seed)], data, cfg, on_step)
     if isinstance(result, NonFiniteLoss):

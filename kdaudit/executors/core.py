@@ -24,6 +24,7 @@ from kdaudit.engine.run import execute
 from kdaudit.engine.teachers import TeacherNotComplete, Teachers, keeps_weights
 from kdaudit.errors import ConfigError
 from kdaudit.executors.progress import Reporter, blocked_message
+from kdaudit.models.mlp import MLPConfig
 from kdaudit.protocol import RunSpec, TeacherPlan
 from kdaudit.registry import Registry
 from kdaudit.store import RunStore
@@ -127,7 +128,7 @@ def attempt(
         store.mark_running(spec.run_id)
         try:
             keep = keeps_weights(spec, ctx.plan, data)
-            execute(spec, data, store, teachers, keep, on_step)
+            execute(spec, data, store, teachers, keep, on_step, stacks(spec, ctx.plan))
         except (KeyboardInterrupt, SystemExit):
             raise
         except TeacherNotComplete:
@@ -197,13 +198,27 @@ def worker_state(spec: RunSpec, ctx: RunContext) -> tuple[TensorData, Teachers]:
     if _STATE.get("token") != ctx.grid_token:
         _STATE.clear()
         _STATE["token"] = ctx.grid_token
-    if spec.loss is not None and spec.condition not in CONDITIONS:  # a fresh worker process
-        loss_condition(LossConditionConfig(spec.loss, spec.condition))
+    know_conditions([spec])
     load = lambda cfg: _data(cfg, ctx)  # noqa: E731
     key = ("teachers", ctx.device)
     if key not in _STATE:
         _STATE[key] = Teachers(RunStore(ctx.out), torch.device(ctx.device), load)
     return load(spec.data), _STATE[key]
+
+
+def know_conditions(specs: list[RunSpec]) -> None:
+    """Make the conditions of runs of your own loss known in this (fresh worker) process."""
+    for spec in specs:
+        if spec.loss is not None and spec.condition not in CONDITIONS:
+            loss_condition(LossConditionConfig(spec.loss, spec.condition))
+
+
+def stacks(spec: RunSpec, plan: TeacherPlan) -> bool:
+    """Whether the run may train as a stack (kdaudit.engine.stacking.train_one; on the CPU):
+    a run of kdaudit's MLP (not a model of yours, which your own loop trains to the same
+    bits: kdaudit.plan), in a grid without feature-map students, which hook the model's
+    modules (a stack bypasses them) and at alpha = 0 must train exactly the SIDDO model."""
+    return isinstance(spec.model, MLPConfig) and not plan.features
 
 
 def _data(cfg, ctx: RunContext):

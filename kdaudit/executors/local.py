@@ -47,13 +47,13 @@ from kdaudit.executors.core import (
     blocked,
     cpu_count,
     release_worker_state,
+    stacks,
     system_failure,
     teacher_ready,
     trains_without_teacher,
 )
 from kdaudit.executors.local_stack import attempt_stack, stack_groups, stackable
 from kdaudit.executors.progress import Lanes, LaneWriter, Reporter
-from kdaudit.models.mlp import MLPConfig
 from kdaudit.protocol import RunSpec
 from kdaudit.store import RunStore, process_exists
 
@@ -138,8 +138,8 @@ def pooled(spec: RunSpec, ctx: RunContext) -> bool:
     """Whether the pool stacks this run with others: a student of kdaudit's MLP on the CPU,
     which `train_one` trains as a stack even alone (kdaudit.engine.stacking.stacks_alone),
     so that any stack it joins gives the same bits (measured faster: README, Performance)."""
-    return (ctx.device == "cpu" and not spec.is_teacher and stackable(spec)
-            and isinstance(spec.model, MLPConfig))  # fmt: skip
+    return (ctx.device == "cpu" and not spec.is_teacher and stacks(spec, ctx.plan)
+            and stackable(spec))  # fmt: skip
 
 
 def run_pool(
@@ -210,7 +210,9 @@ def _one_pool(queue, waiting, ctx, options, reporter) -> list[RunSpec]:
 
     def submit(unit: tuple[RunSpec, ...], early: bool = False) -> None:
         numbered.append(unit[0])
-        futures[pool.submit(_attempt_in_worker, unit, ctx, len(numbered) - 1, early)] = unit
+        stacked = len(unit) > 1 or pooled(unit[0], ctx)  # here, where every condition is known
+        future = pool.submit(_attempt_in_worker, unit, ctx, len(numbered) - 1, early, stacked)
+        futures[future] = unit
 
     try:
         while queue or futures:
@@ -341,11 +343,12 @@ def _start_worker(slots, threads: int, lanes, driver: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _attempt_in_worker(unit: tuple, ctx: RunContext, number: int, early: bool) -> list[tuple]:
+def _attempt_in_worker(unit: tuple, ctx: RunContext, number: int, early: bool,
+                       stacked: bool) -> list[tuple]:  # fmt: skip
     """Per run of the unit (one run, or a stack: `units`) its RunResult."""
     _LANE.number = number
     ctx = replace(ctx, device=_WORKER_DEVICE or ctx.device)
-    if len(unit) == 1 and not pooled(unit[0], ctx):
+    if not stacked:
         return [(unit[0], attempt(unit[0], ctx, _LANE, early))]
     return attempt_stack(list(unit), ctx, _LANE, early)
 

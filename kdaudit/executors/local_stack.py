@@ -26,6 +26,7 @@ from kdaudit.executors.core import (
     attempt,
     blocked,
     cpu_threads,
+    know_conditions,
     record_failure,
     release_worker_state,
     teacher_ready,
@@ -86,6 +87,7 @@ def attempt_stack(
     """Train and store one group; per run its result (as `attempt` gives it alone).
     `early`: students that train without their teacher, started while it trains (`attempt`)."""
     store = RunStore(ctx.out)
+    know_conditions(group)  # a fresh worker process: runs of your own loss
     ready = [s for s in group if early or teacher_ready(store, s)]
     results = [(s, blocked(s)) for s in group if s not in ready]
     if not ready:
