@@ -11,6 +11,7 @@ from kdaudit.conditions import CONDITIONS, Condition
 from kdaudit.conditions.objectives import (
     VECTOR_CLASSES,
     Batch,
+    StackedLosses,
     build_objective,
     cross_entropy_and_grad,
     distillation_loss,
@@ -271,3 +272,77 @@ def test_a_nan_logit_makes_the_loss_and_its_gradient_nan():
     loss = build_objective("rcd", 0.5, 2.0, 5)(z, _batch([0, 1, 2, 3, 4, 0, 1, 2]))
     (g,) = torch.autograd.grad(loss, z)
     assert torch.isnan(loss) and torch.isnan(g[3]).all()
+
+
+def _stack_of_objectives(classes: int, temperatures: list[float], gen) -> list:
+    """SIDDO, KD at alpha 0 to 0.9 and RCD, at every temperature, two teachers."""
+    teachers = [cached_targets(torch.randn(300, classes, generator=gen) * 4) for _ in range(2)]
+    out = [build_objective("siddo", 0.0, 1.0, classes)]
+    for i, (alpha, T) in enumerate([(a, T) for a in (0.0, 0.1, 0.5, 0.9) for T in temperatures]):
+        out.append(build_objective("kd", alpha, T, classes, teachers[i % 2]))
+        out.append(build_objective("rcd", alpha, T, classes))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("rows", "classes", "temperatures"),
+    [(128, 10, [1.0]), (100, 3, [1.0, 2.0]), (17, 7, [4.0]), (16, 100, [1.0, 3.0])],
+)
+def test_a_stack_of_the_papers_objectives_gives_each_model_its_own_gradient_bit_for_bit(
+    rows, classes, temperatures
+):
+    """StackedLosses against each objective alone: the gradient in every model's logits
+    equal bit for bit (so a stack trains each model as its own objective would), the loss
+    values to rounding. Shapes whose rows * classes leave vector tails, models of two data
+    seeds (two batches), two teachers, T = 1 and T > 1, KD at alpha = 0."""
+    gen = torch.Generator().manual_seed(rows + classes)
+    objectives = _stack_of_objectives(classes, temperatures, gen)
+    batches = [_batch(torch.randint(classes, (rows,), generator=gen).tolist(),
+                      torch.randperm(300, generator=gen)[:rows]) for _ in range(2)]  # fmt: skip
+    of_model = [batches[k % 2] for k in range(len(objectives))]
+    z = (torch.randn(len(objectives), rows, classes, generator=gen) * 5).requires_grad_()
+    together = StackedLosses.of(objectives)(z, of_model)
+    (g,) = torch.autograd.grad(together.sum(), z)
+    for k, (objective, batch) in enumerate(zip(objectives, of_model, strict=True)):
+        zk = z.detach()[k].clone().requires_grad_()
+        alone = objective(zk, batch)
+        (gk,) = torch.autograd.grad(alone, zk)
+        assert torch.equal(g[k], gk), k
+        torch.testing.assert_close(together[k].detach(), alone.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_stack_of_the_papers_objectives_against_the_formula_in_float64():
+    """The stacked losses and gradients against distillation_loss's formula differentiated
+    by autograd in float64 (an independent computation)."""
+    gen = torch.Generator().manual_seed(3)
+    objectives = _stack_of_objectives(10, [1.0, 2.0], gen)
+    batch = _batch(torch.randint(10, (64,), generator=gen).tolist(), torch.arange(64))
+    z = (torch.randn(len(objectives), 64, 10, generator=gen) * 3).requires_grad_()
+    together = StackedLosses.of(objectives)(z, [batch] * len(objectives))
+    (g,) = torch.autograd.grad(together.sum(), z)
+    for k, o in enumerate(objectives):
+        z64 = z.detach()[k].double().requires_grad_()
+        if o.plain:
+            expected = F.cross_entropy(z64, batch.y)
+        else:
+            target = o.target(batch, torch.float64, z64.device).expand(64, 10)
+            expected = _formula(z64, batch.y, target, o.alpha, o.temperature)
+        (g64,) = torch.autograd.grad(expected, z64)
+        torch.testing.assert_close(together[k].double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g[k].double(), g64, rtol=1e-4, atol=1e-7)
+
+
+def test_only_stacks_of_the_papers_objectives_are_computed_together():
+    """Any other objective (label smoothing, a remedy, your own loss) keeps the stack's
+    objectives one by one."""
+    assert StackedLosses.of([build_objective(c, 0.5, 1.0, 10, _teacher()) for c in
+                             ("siddo", "kd", "rcd")]) is not None  # fmt: skip
+    for other in ("ls", "kd_masked"):
+        objectives = [build_objective("siddo", 0.0, 1.0, 10), build_objective(other, 0.5, 1.0,
+                      10, _teacher())]  # fmt: skip
+        assert StackedLosses.of(objectives) is None
+    assert StackedLosses.of([lambda z, b: z.sum()]) is None
+
+
+def _teacher():
+    return cached_targets(torch.randn(50, 10))

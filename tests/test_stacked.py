@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdaudit.conditions.objectives import build_objective
+from kdaudit.conditions.objectives import StackedLosses, build_objective
 from kdaudit.config import ConfigError, TrainConfig, load_config
 from kdaudit.data import TensorData
 from kdaudit.engine.accel import _COMPILED, Accel, accel_for, compiled
@@ -98,6 +98,27 @@ def test_a_stacked_model_ends_where_it_would_alone(condition):
     torch.testing.assert_close(z_stack, z_alone, **WEIGHT_TOL)
     assert torch.equal(z_stack.argmax(1), z_alone.argmax(1))
     assert results[0].steps == 21 and results[0].engine["stack"]["size"] == 3
+
+
+def test_a_stack_computing_its_objectives_together_trains_the_bits_of_one_by_one(monkeypatch):
+    """StackedLosses (the paper's objectives computed at once) against the same stack with
+    each objective called alone: every model's weights equal bit for bit, across two data
+    seeds, KD at alpha = 0, plain CE and RCD."""
+    data = _vectors()
+
+    def stack():
+        kd0 = Member(build_model(MLP, data.input_shape, K, 0),
+                     build_objective("kd", 0.0, 2.0, K, cached_targets(TEACHER)), 11)  # fmt: skip
+        return [_member("siddo", 10), _member("kd", 10), _member("rcd", 11), kd0]
+
+    together = stack()
+    train_stacked(together, data, CFG)
+    monkeypatch.setattr(StackedLosses, "of", classmethod(lambda cls, objectives: None))
+    one_by_one = stack()
+    train_stacked(one_by_one, data, CFG)
+    for a, b in zip(together, one_by_one, strict=True):
+        assert torch.equal(_flat(a.model), _flat(b.model))
+    assert not torch.equal(_flat(together[0].model), _flat(together[1].model))
 
 
 def _recording(member: Member, seen: list) -> Member:

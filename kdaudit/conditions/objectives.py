@@ -1,7 +1,8 @@
 """The objectives of the conditions (PROTOCOL section 2): one loss form, different targets.
 
 An objective is `objective(logits, batch) -> loss`. The training loop is the same for every
-condition; only the objective differs. KD gets the teacher's logits for a batch from a
+condition; only the objective differs. The paper's own (SIDDO, KD, RCD) are one `Distillation`
+each, which a stack of models computes at once (`StackedLosses`). KD gets the teacher's logits for a batch from a
 `TeacherTargets` callable (kdaudit.engine.teachers: cached per example, or a teacher forward
 pass on the batch). Feature-map objectives (kdaudit.conditions.features) hook the student
 model and train parameters of their own; the loop adds those to the optimizer.
@@ -164,35 +165,172 @@ def cross_entropy_and_grad(logits: torch.Tensor, labels: torch.Tensor):
     return ce, aten._log_softmax_backward_data(grad, log_p, 1, logits.dtype), log_p
 
 
-def _ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    # torch's own: a user's loss built on F.cross_entropy reproduces these runs bit for bit
-    return F.cross_entropy(logits, batch.y)
+class Distillation:
+    """The objective of the paper's conditions: (1 - alpha) CE(y, softmax(z)) + alpha T^2
+    KL(target || softmax(z / T)), toward the teacher's softened distribution (KD,
+    `teacher`), the class-uniform one (RCD, `num_classes`), or none: plain CE (SIDDO, the
+    teacher). A stack of them is computed at once by `stacked_losses`."""
+
+    def __init__(self, alpha: float = 0.0, temperature: float = 1.0,
+                 teacher: TeacherTargets | None = None, num_classes: int | None = None):  # fmt: skip
+        self.alpha, self.temperature = alpha, temperature
+        self.teacher, self.num_classes = teacher, num_classes
+
+    @property
+    def plain(self) -> bool:
+        """Plain CE: no target."""
+        return self.teacher is None and self.num_classes is None
+
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if self.plain:  # torch's own: a user's loss built on F.cross_entropy gives these bits
+            return F.cross_entropy(logits, batch.y)
+        target = self.target(batch, logits.dtype, logits.device)
+        return distillation_loss(logits, batch.y, target, self.alpha, self.temperature)
+
+    def target(self, batch: Batch, dtype, device) -> torch.Tensor:
+        """log of the target distribution: (B, K) the teacher's softened, (1, K) uniform."""
+        if self.teacher is not None:
+            return softened(self.teacher, batch, self.temperature, dtype)
+        log_u = -math.log(self.num_classes)
+        return torch.full((1, self.num_classes), log_u, dtype=dtype, device=device)
 
 
 def cross_entropy(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
     """Plain CE: the teacher, and SIDDO (same init, different data order)."""
-    return _ce
+    return Distillation()
 
 
 def kd(condition, alpha, temperature, num_classes, teacher: TeacherTargets, student) -> Objective:
     """Target: the trained teacher's softened distribution on the same batch."""
-
-    def objective(logits, batch):
-        target = softened(teacher, batch, temperature, logits.dtype)  # (B, K)
-        return distillation_loss(logits, batch.y, target, alpha, temperature)
-
-    return objective
+    return Distillation(alpha, temperature, teacher=teacher)
 
 
 def rcd(condition, alpha, temperature, num_classes, teacher, student) -> Objective:
     """Random control distillation: the KD loss form with the class-uniform target u = 1/K."""
-    log_u = -math.log(num_classes)
+    return Distillation(alpha, temperature, num_classes=num_classes)
 
-    def objective(logits, batch):
-        uniform = torch.full((1, num_classes), log_u, dtype=logits.dtype, device=logits.device)
-        return distillation_loss(logits, batch.y, uniform, alpha, temperature)
 
-    return objective
+class StackedLosses:
+    """The losses (K,) of K models trained as one stack whose objectives are all
+    `Distillation`s (`of` gives None otherwise): model k's logits (K, B, C) or (K, B, T, V)
+    by objectives[k] on batches[k], in one pass over the stack instead of some twenty small
+    operators per model. Each model's gradient is, bit for bit, the one its objective gives
+    it alone (tests/test_conditions.py); the loss values agree to rounding. Labels are class
+    indices (the engine's batches leave no position out)."""
+
+    def __init__(self, objectives: list[Distillation]):
+        self.objectives = objectives
+        self._plans: dict[tuple, _StackPlan] = {}  # made once per stack and device
+
+    @classmethod
+    def of(cls, objectives: list) -> StackedLosses | None:
+        return cls(objectives) if all(type(o) is Distillation for o in objectives) else None
+
+    def __call__(self, logits: torch.Tensor, batches: list[Batch]) -> torch.Tensor:
+        z = logits.reshape(len(self.objectives), -1, logits.shape[-1])  # (K, R, C)
+        labels = torch.stack([b.y for b in batches])  # (K, R)
+        if all(o.plain for o in self.objectives):
+            return _StackedDistillation.apply(z, labels, None, None)
+        log_targets, which = self._targets(batches, z)
+        return _StackedDistillation.apply(z, labels, log_targets, self._plan(which, z))
+
+    def _targets(self, batches: list[Batch], z: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The distinct target log-probabilities (D, R, C), zeros first for plain CE (alpha
+        = 0 there), and which one each model has. The KD students of one seed share their
+        batch, so one lookup serves them all."""
+        r, c = z.shape[1:]
+        keys = [None if o.plain else (id(o.teacher), o.temperature, id(b), o.num_classes)
+                for o, b in zip(self.objectives, batches, strict=True)]  # fmt: skip
+        distinct = {None: torch.zeros(r, c, dtype=z.dtype, device=z.device)}
+        for o, b, key in zip(self.objectives, batches, keys, strict=True):
+            if key not in distinct:
+                distinct[key] = o.target(b, z.dtype, z.device).expand(r, c)
+        order = list(distinct)
+        return torch.stack(list(distinct.values())), tuple(order.index(k) for k in keys)
+
+    def _plan(self, which: tuple, z: torch.Tensor) -> _StackPlan:
+        """The stack's constants on the logits' device, made once (no copy to a GPU a step)."""
+        key = (which, z.dtype, z.device)
+        if key not in self._plans:
+            self._plans[key] = _StackPlan.make(self.objectives, which, z)
+        return self._plans[key]
+
+
+@dataclass(frozen=True)
+class _StackPlan:
+    alphas: list[float]
+    temperatures: list[float]
+    targeted: list[int]  # the models with a target (all but plain CE)
+    which: torch.Tensor  # (K,) each model's row of the distinct targets
+    scale: torch.Tensor  # (K, 1, 1) 1 - alpha
+    t2: torch.Tensor  # (K,) alpha T^2
+
+    @classmethod
+    def make(cls, objectives: list[Distillation], which: tuple, z: torch.Tensor) -> _StackPlan:
+        alphas = [o.alpha for o in objectives]
+        temperatures = [o.temperature for o in objectives]
+        t2 = [a * t * t for a, t in zip(alphas, temperatures, strict=True)]
+        like = {"dtype": z.dtype, "device": z.device}
+        return cls(alphas, temperatures, [k for k, o in enumerate(objectives) if not o.plain],
+                   torch.tensor(which, device=z.device),
+                   torch.tensor([1.0 - a for a in alphas], **like).view(-1, 1, 1),
+                   torch.tensor(t2, **like))  # fmt: skip
+
+
+class _StackedDistillation(torch.autograd.Function):
+    """`Distillation` of K models at once: the operators of `_Distillation` (and, for plain
+    CE, of F.cross_entropy's autograd) on the (K * R, C) rows together. Row-wise operators
+    (log_softmax and its backward) and exactly rounded elementwise ones give each model the
+    bits it gets alone; the one fused multiply-add, `torch.add(..., alpha=)`, runs per model,
+    as `_Distillation` runs it. The loss values are summed in another order: equal to
+    rounding, and only the non-finite check and the progress display read them."""
+
+    @staticmethod
+    def forward(ctx, z, labels, log_targets, plan: _StackPlan | None):
+        k, r, c = z.shape
+        rows = z.reshape(k * r, c)
+        log_p, ce_grad = _cross_entropy_rows(rows, labels.reshape(-1), r)
+        ce = -log_p.gather(1, labels.reshape(-1, 1)).view(k, r).sum(1) / r  # (K,)
+        if plan is None:  # plain CE only
+            ctx.save_for_backward(ce_grad.view(k, r, c))
+            return ce
+        grad = ce_grad.view(k, r, c) * plan.scale  # ce_grad * (1 - alpha), as alone
+        log_q = _softened_rows(rows, log_p, plan.temperatures).view(k, r, c)
+        p = log_targets.exp().index_select(0, plan.which)  # (K, R, C)
+        diff = log_q.exp() - p
+        for i in plan.targeted:
+            step = plan.alphas[i] * plan.temperatures[i] / r
+            torch.add(grad[i], diff[i], alpha=step, out=grad[i])
+        ctx.save_for_backward(grad)
+        log_t = log_targets.index_select(0, plan.which)
+        kl = (p * (log_t - log_q)).sum((1, 2)) / r  # (K,) batchmean
+        return ce * plan.scale.view(k) + kl * plan.t2
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.view(-1, 1, 1), None, None, None
+
+
+def _cross_entropy_rows(rows: torch.Tensor, labels: torch.Tensor, r: int):
+    """log_softmax of the rows (K * R, C) and the gradient in them of each model's mean CE
+    over its R rows, by `cross_entropy_and_grad`'s operators: nll_loss_backward writes
+    -(1 / R), computed in the logits' dtype, at each row's label."""
+    aten = torch.ops.aten
+    log_p = aten._log_softmax(rows, 1, False)
+    one = torch.ones((), dtype=rows.dtype)
+    step = float(-(one / torch.tensor(float(r), dtype=rows.dtype)))
+    grad = torch.zeros_like(rows).scatter_(1, labels.view(-1, 1), step)
+    return log_p, aten._log_softmax_backward_data(grad, log_p, 1, rows.dtype)
+
+
+def _softened_rows(rows: torch.Tensor, log_p: torch.Tensor, temperatures: list[float]):
+    """Each model's log_softmax(z / T) (K * R, C), as `_Distillation` computes it."""
+    if all(t == 1 for t in temperatures):
+        return log_p
+    k = len(temperatures)
+    per_t = {t: log_p if t == 1 else log_softmax(rows / t) for t in set(temperatures)}
+    return torch.cat([per_t[t].view(k, -1, rows.shape[1])[i] for i, t in enumerate(temperatures)])
 
 
 def ls(condition, alpha, temperature, num_classes, teacher, student) -> Objective:

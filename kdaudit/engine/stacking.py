@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from kdaudit.conditions.objectives import Batch, Objective, objective_parameters
+from kdaudit.conditions.objectives import Batch, Objective, StackedLosses, objective_parameters
 from kdaudit.config import TrainConfig
 from kdaudit.engine.accel import accel_for, compiled
 from kdaudit.engine.loop import (
@@ -118,6 +118,7 @@ def train_stacked(
     optimizer = make_optimizer(state.leaves, cfg)
     schedule = make_schedule(optimizer, cfg, total_steps(data.n_train, cfg))
     first = [True]
+    together = StackedLosses.of([m.objective for m in members])  # None: one by one
 
     def losses(batches: list[Batch]) -> torch.Tensor:  # (K,)
         x = torch.stack([b.x for b in batches])  # (K, B, ...)
@@ -126,6 +127,8 @@ def train_stacked(
             first[0] = False
         with accel.autocast():
             logits = forward(state.views(), state.buffers, x)  # (K, B, C) or (K, B, T, V)
+        if together is not None:
+            return together(logits.float(), batches)
         return _losses(members, logits.float(), batches)
 
     steps = ((batches[0].idx, batches) for batches in streams.batches(data))  # one Batch per member
@@ -409,6 +412,7 @@ def _parameter_names(model: nn.Module) -> dict[str, str]:
 
 
 def _losses(members: list[Member], logits: torch.Tensor, batches: list[Batch]) -> torch.Tensor:
+    """(K,): each model's objective on its batch, one by one."""
     # Each objective sees its model's logits flattened as alone: (B, C) or (B * T, V).
     return torch.stack(
         [m.objective(z.flatten(0, -2), b) for m, z, b in zip(members, logits, batches, strict=True)]

@@ -190,6 +190,7 @@ class Teachers:
     _train: dict[str, torch.Tensor] = field(default_factory=dict)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict)
     _targets: dict[str, TeacherTargets] = field(default_factory=dict)
+    _cached: dict[str, CachedTargets] = field(default_factory=dict)
     _on_students_data: dict[str, np.ndarray] = field(default_factory=dict)
 
     def targets(self, spec: RunSpec, data):
@@ -202,7 +203,9 @@ class Teachers:
         if entry.features:
             return self._feature_setup(spec, data)
         if cached(spec, data) and not self.other_data(spec):
-            return cached_targets(self.train_logits(spec.teacher_id))
+            if spec.teacher_id not in self._cached:  # one per teacher: a stack looks it up once
+                self._cached[spec.teacher_id] = cached_targets(self.train_logits(spec.teacher_id))
+            return self._cached[spec.teacher_id]
         return self._model_targets(spec.teacher_id, data)
 
     def other_data(self, student: RunSpec) -> bool:
