@@ -1,10 +1,10 @@
 """The objectives of the conditions (PROTOCOL section 2): one loss form, different targets.
 
 An objective is `objective(logits, batch) -> loss`. The training loop is the same for every
-condition; only the objective differs. The paper's own (SIDDO, KD, RCD) are one `Distillation`
-each, which a stack of models computes at once (`StackedLosses`). KD gets the teacher's logits for a batch from a
-`TeacherTargets` callable (kdaudit.engine.teachers: cached per example, or a teacher forward
-pass on the batch). Feature-map objectives (kdaudit.conditions.features) hook the student
+condition; only the objective differs. The paper's own (SIDDO, KD, RCD) are one
+`Distillation` each, which a stack of models computes at once (`StackedLosses`). KD gets the
+teacher's logits for a batch from a `TeacherTargets` callable (kdaudit.engine.teachers: cached
+per example, or a teacher forward pass on the batch). Feature-map objectives (kdaudit.conditions.features) hook the student
 model and train parameters of their own; the loop adds those to the optimizer.
 
 Every builder has one signature, `build(condition, alpha, temperature, num_classes, teacher,
@@ -169,7 +169,7 @@ class Distillation:
     """The objective of the paper's conditions: (1 - alpha) CE(y, softmax(z)) + alpha T^2
     KL(target || softmax(z / T)), toward the teacher's softened distribution (KD,
     `teacher`), the class-uniform one (RCD, `num_classes`), or none: plain CE (SIDDO, the
-    teacher). A stack of them is computed at once by `stacked_losses`."""
+    teacher). A stack of them is computed at once by `StackedLosses`."""
 
     def __init__(self, alpha: float = 0.0, temperature: float = 1.0,
                  teacher: TeacherTargets | None = None, num_classes: int | None = None):  # fmt: skip
@@ -220,6 +220,7 @@ class StackedLosses:
 
     def __init__(self, objectives: list[Distillation]):
         self.objectives = objectives
+        self.plain = all(o.plain for o in objectives)  # no targets: plain CE only
         self._plans: dict[tuple, _StackPlan] = {}  # made once per stack and device
 
     @classmethod
@@ -229,7 +230,7 @@ class StackedLosses:
     def __call__(self, logits: torch.Tensor, batches: list[Batch]) -> torch.Tensor:
         z = logits.reshape(len(self.objectives), -1, logits.shape[-1])  # (K, R, C)
         labels = torch.stack([b.y for b in batches])  # (K, R)
-        if all(o.plain for o in self.objectives):
+        if self.plain:
             return _StackedDistillation.apply(z, labels, None, None)
         log_targets, which = self._targets(batches, z)
         return _StackedDistillation.apply(z, labels, log_targets, self._plan(which, z))

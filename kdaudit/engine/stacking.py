@@ -2,11 +2,12 @@
 
 The K models' parameters and buffers are stacked along a new leading dimension and one
 vmapped `functional_call` computes all their logits in a single forward pass. Each model
-computes its own objective on its slice of the logits (the paper's objectives in one pass over
-the stack, `StackedLosses`: each model's gradient bit for bit its objective's alone) and the K
-losses are summed, so each model's gradient is exactly the gradient of its own loss. The optimizers are elementwise,
-so one over the stacked parameters updates each model as its own optimizer would. Batch
-norm works per model: each normalises its own slice and updates its own running statistics.
+computes its own objective on its slice of the logits (the paper's objectives in one pass
+over the stack, `StackedLosses`: each model's gradient bit for bit its objective's alone)
+and the K losses are summed, so each model's gradient is exactly the gradient of its own
+loss. The optimizers are elementwise, so one over the stacked parameters updates each model
+as its own optimizer would. Batch norm works per model: each normalises its own slice and
+updates its own running statistics.
 
 Runs of one data seed (the paired conditions of one student seed, PROTOCOL section 3) see
 the same minibatches, the same augmentation draws and the same dropout masks when trained
