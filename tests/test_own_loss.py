@@ -106,7 +106,9 @@ def test_other_runs_keep_their_ids_when_a_loss_is_added(tmp_path):
     ],
 )  # fmt: skip
 def test_a_wrong_loss_is_one_line_before_any_run(tmp_path, factory, message):
-    own = {"factory": factory, "name": f"bad{abs(hash(factory)) % 1000}"}
+    # a name of its own per case (conditions stay registered in the process; a string's
+    # hash changes from run to run, so names from hash() could collide)
+    own = {"factory": factory, "name": f"bad_{factory.split(':')[-1]}"}
     with pytest.raises(UserCodeError, match=message) as err:
         api.run(_config(tmp_path, ["siddo", "rcd", own]), tmp_path / "out", device="cpu")
     assert "\n" not in str(err.value)
