@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.peak import matmul_peak, training_flops  # noqa: E402
+from kdaudit.models import build_model  # noqa: E402
+from kdaudit.models.mlp import MLPConfig  # noqa: E402
 
 DIMS = (40, 256, 256, 10)
 BATCH = 128
@@ -113,10 +115,8 @@ def measure(args) -> None:
 
 
 def _one_mlp() -> torch.nn.Module:
-    layers = []
-    for d_in, d_out in pairwise(DIMS):
-        layers += [torch.nn.Linear(d_in, d_out), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers[:-1])
+    """kdaudit's MLP of the default audit, whose FLOPs the step counts once per model."""
+    return build_model(MLPConfig(width=DIMS[1], depth=len(DIMS) - 2), DIMS[:1], DIMS[-1], 0)
 
 
 if __name__ == "__main__":

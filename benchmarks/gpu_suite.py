@@ -33,7 +33,6 @@ the repository root, with TinyShakespeare copied into an ignored folder that tra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -124,11 +123,15 @@ def _sets(settings: list[str]) -> list[str]:
 
 
 def _teacher(store: Path) -> dict | None:
-    for path in sorted(store.glob("runs/teacher_*/record.json")):
-        record = json.loads(path.read_text())
-        if record.get("status") == "complete":
-            return record
-    return None
+    """The grid's teacher record once it is complete, else None (also before the grid starts)."""
+    from kdaudit.protocol import expand
+    from kdaudit.store import RunStore
+
+    runs = RunStore(store)
+    if not (store / "experiment.yaml").is_file():
+        return None
+    (teacher,) = expand(runs.load_experiment()).teachers
+    return runs.record(teacher.run_id) if runs.is_complete(teacher.run_id) else None
 
 
 def _run(cmd: list[str], log: Path, budget: float, until=None) -> tuple[int | str, float, str]:
