@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,16 +22,25 @@ import torch
 from kdaudit.config import TrainConfig, load_config
 from kdaudit.engine import teachers as teachers_module
 from kdaudit.engine.loop import Update, make_optimizer, make_schedule
-from kdaudit.executors import ExecutorConfig, run_grid
+from kdaudit.executors import ExecutorConfig, local_stack, run_grid
 from kdaudit.executors.core import (
     RunContext,
+    RunResult,
     attempt,
     blocked,
     cpu_count,
     release_worker_state,
     stacks,
+    trains_without_teacher,
 )
-from kdaudit.executors.local import POOL_MIN_STEPS, _early, _requeue, local_workers, units
+from kdaudit.executors.local import (
+    POOL_MIN_STEPS,
+    _early,
+    _finished,
+    _requeue,
+    local_workers,
+    units,
+)
 from kdaudit.executors.progress import Lanes
 from kdaudit.protocol import TeacherPlan, expand
 from kdaudit.store import RunStore
@@ -373,3 +382,50 @@ def test_an_early_student_lost_with_its_teacher_waits_for_it_again(tiny_config, 
     store.write_failure(teacher, "WorkerDied", "", None, kind="system")
     assert _requeue([siddo], store, waiting, shown) == []
     assert shown.calls == [("end", siddo.run_id, blocked(siddo).message)]
+
+
+def test_an_early_student_that_stopped_waiting_waits_again_unless_its_teacher_failed(
+    tiny_config, tmp_path
+):
+    """A blocked result (an early student that gave up on its teacher) is not the student's
+    end: it waits for the teacher again, starts once the teacher is complete, and is blocked
+    only if the teacher failed (in CI a dropped one left 4 runs of a grid never run)."""
+    grid = expand(load_config(tiny_config))
+    teacher, siddo = grid.teachers[0], grid.students[0]
+    ctx = replace(_ctx(), out=str(tmp_path / "out"))
+    store, shown = RunStore(ctx.out), Recorder()
+    shown.end_run = lambda spec, status: shown.calls.append(("end", spec.run_id, status))
+    queue, waiting = deque(), defaultdict(list)
+    _finished(siddo, blocked(siddo), queue, waiting, shown, ctx)
+    assert waiting[teacher.run_id] == [siddo] and not queue and not shown.calls
+    _finished(teacher, RunResult(teacher.run_id, "complete", "complete"), queue, waiting, shown,
+              ctx)  # fmt: skip
+    assert list(queue) == units([siddo], ctx) and not waiting.get(teacher.run_id)
+    store.write_failure(teacher, "NonFiniteLoss: test", "", 3)
+    _finished(siddo, blocked(siddo), deque(), waiting, shown, ctx)
+    assert shown.calls[-1] == ("end", siddo.run_id, blocked(siddo).message)
+    assert not waiting.get(teacher.run_id)
+
+
+def test_an_early_stack_that_cannot_train_as_one_trains_its_runs_alone_still_early(
+    tiny_config, tmp_path, monkeypatch
+):
+    """The early stack's fallback (the stack raised as a whole) trains each run alone as the
+    early student it is: it waits for the teacher, not blocked at once; the same bits as the
+    ordinary order."""
+    cfg = load_config(tiny_config)
+    grid = expand(cfg)
+    early = [s for s in grid.students if trains_without_teacher(s)]
+    ordinary = tmp_path / "ordinary"
+    run_grid(cfg, ordinary, ExecutorConfig(workers=1), "cpu")
+    out = tmp_path / "early"
+    RunStore(out).save_experiment(cfg)
+    monkeypatch.setattr(local_stack, "_train_group", lambda *args: None)
+    arrival = _teacher_arrives(cfg, ordinary, out, grid.teachers[0].run_id, after=2.0)
+    results = local_stack.attempt_stack(early, _grid_ctx(cfg, out), Lanes(1).writer(0), True)
+    arrival.join()
+    release_worker_state()
+    assert [r.status for _, r in results] == ["complete"] * len(early) == ["complete"] * 4
+    for spec in early:
+        mine, theirs = RunStore(out).record(spec.run_id), RunStore(ordinary).record(spec.run_id)
+        assert mine["similarity"] == theirs["similarity"] and mine["metrics"] == theirs["metrics"]

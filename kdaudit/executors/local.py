@@ -166,12 +166,14 @@ def run_pool(
             )
         retry = _to_retry(lost, in_flight, store, deaths, options, waiting, reporter, ctx)
         queue.extendleft(reversed(units(_requeue(retry, store, waiting, reporter), ctx)))
+    for student in (s for students in waiting.values() for s in students):
+        reporter.end_run(student, blocked(student).message)  # its teacher never finished
 
 
 def _requeue(retry: list[RunSpec], store: RunStore, waiting, reporter: Reporter) -> list:
-    """Of the runs a dead pool lost, those to queue again; an early student (started beside
-    its teacher) whose teacher is not complete waits for it again, or is blocked if the
-    teacher is now failed."""
+    """Of the runs a dead pool lost (or early students that stopped waiting), those to queue
+    again; an early student (started beside its teacher) whose teacher is not complete waits
+    for it again, or is blocked if the teacher is now failed."""
     queue = []
     for spec in retry:
         if teacher_ready(store, spec):
@@ -277,6 +279,10 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
 
 def _finished(spec: RunSpec, result: RunResult, queue, waiting, reporter: Reporter,
               ctx: RunContext) -> None:  # fmt: skip
+    if result.status == "blocked":  # an early student that stopped waiting for its teacher
+        # (its worker died, or it was slow to start): not an end unless the teacher failed
+        queue.extend(units(_requeue([spec], RunStore(ctx.out), waiting, reporter), ctx))
+        return
     reporter.end_run(spec, result.message)
     students = waiting.pop(spec.run_id, ())
     if result.status == "complete":

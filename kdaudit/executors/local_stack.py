@@ -101,7 +101,7 @@ def attempt_stack(
         if built is None or architecture_key(built[0][0]) in _REFUSED:
             return solo()  # one at a time; `attempt` records a run that cannot be built
         for part in _parts(list(zip(ready, built, strict=True))):
-            results += _train_part(part, data, teachers, ctx, reporter, store)
+            results += _train_part(part, data, teachers, ctx, reporter, store, early)
     return results
 
 
@@ -122,12 +122,13 @@ def _parts(pairs: list[tuple]) -> list[list[tuple]]:
     return list(by_seed.values())
 
 
-def _train_part(part, data, teachers, ctx: RunContext, reporter: Reporter, store: RunStore):
+def _train_part(part, data, teachers, ctx: RunContext, reporter: Reporter, store: RunStore,
+                early: bool):  # fmt: skip
     ready, built = [s for s, _ in part], [b for _, b in part]
     start = time.perf_counter()
     outcomes = _train_group(ready, built, data, teachers, ctx, reporter)
-    if outcomes is None:  # the stack as a whole failed (out of memory?): one at a time
-        return [(s, attempt(s, ctx, reporter)) for s in ready]
+    if outcomes is None:  # the stack as a whole failed (out of memory?): one at a time, each
+        return [(s, attempt(s, ctx, reporter, early)) for s in ready]  # as early as the stack
     return [
         (spec, _store(spec, model, outcome, data, store, teachers, ctx, start))
         for spec, (model, _), outcome in zip(ready, built, outcomes, strict=True)
