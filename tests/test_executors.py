@@ -50,7 +50,8 @@ def test_a_killed_worker_is_replaced_and_its_run_redone(tiny_config, tmp_path):
     outcome = run_grid(cfg, tmp_path / "out", ExecutorConfig(workers=2), "cpu")
     killer.join()
     assert killer.killed, "the teacher's worker was never seen running"
-    assert outcome.completed == 7 and not outcome.failed
+    states = grid_status(tmp_path / "out")["conditions"]  # which runs, if a run went missing
+    assert outcome.completed == 7 and not outcome.failed, (outcome, killer.killed, states)
     assert len(intact_runs(tmp_path / "out")) == 7
     assert not list((tmp_path / "out" / "runs").glob(".tmp-*"))
 
